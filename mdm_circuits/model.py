@@ -1,0 +1,134 @@
+"""The decoder as a Flax NNX module, and its pure functional boundary.
+
+The module is written for one sequence: tokens[T] -> logits[T, V]. Batch with `jax.vmap`, e.g.
+
+    graphdef, state = nnx.split(model)
+    batched = jax.jit(jax.vmap(forward, in_axes=(None, None, 0)), static_argnums=0)
+    logits = batched(graphdef, state, tokens)          # tokens: int[B, T]
+
+Padding: `valid[S]` marks real tokens; padded positions are never attended to, and their own outputs are
+unspecified (finite). Positions default to 0..T-1 for every sequence, as in Hugging Face; RoPE depends only
+on position differences, so left padding leaves the real tokens' logits unchanged.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Bool, Float, Int
+
+from mdm_circuits.config import ConfigError, ModelConfig
+from mdm_circuits.layers import Block, RMSNorm, weight_init, rotary_tables
+
+
+class Transformer(nnx.Module):
+    """Embedding, `n_layers` pre-norm blocks, final RMSNorm and unembedding."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32):
+        self.config = config
+        self.embedding = nnx.Param(
+            weight_init(rngs.params(), (config.vocab_size, config.d_model), dtype))
+        self.blocks = nnx.List(
+            [Block(config, dtype=dtype, rngs=rngs) for _ in range(config.n_layers)])
+        self.final_norm = RMSNorm(config.d_model, config.norm_eps, dtype=dtype)
+        self.unembedding = None if config.tie_embeddings else nnx.Param(
+            weight_init(rngs.params(), (config.d_model, config.vocab_size), dtype))
+
+    def embed(self, tokens: Int[Array, " T"]) -> Float[Array, "T D"]:
+        return jnp.take(self.embedding[...], tokens, axis=0)
+
+    def attention_mask(self, valid: Bool[Array, " S"]) -> Bool[Array, "T S"]:
+        """Which key positions each query may read: real tokens, and for causal models only earlier ones."""
+        n = valid.shape[0]
+        mask = jnp.broadcast_to(valid[None, :], (n, n))
+        if self.config.attention == "causal":
+            mask = mask & jnp.tril(jnp.ones((n, n), dtype=bool))
+        return mask
+
+    def residual_stream(
+        self,
+        embeddings: Float[Array, "T D"],
+        *,
+        valid: Bool[Array, " T"] | None = None,
+        positions: Int[Array, " T"] | None = None,
+    ) -> list[Float[Array, "T D"]]:
+        """The residual stream entering each block, then leaving the last one (L + 1 arrays, before the final norm)."""
+        n = embeddings.shape[0]
+        valid = jnp.ones((n,), dtype=bool) if valid is None else valid
+        positions = jnp.arange(n) if positions is None else positions
+        mask = self.attention_mask(valid)
+        rope = rotary_tables(positions, self.config.head_dim, self.config.rope_theta)
+        stream = [embeddings]
+        for block in self.blocks:
+            stream.append(block(stream[-1], mask=mask, rope=rope))
+        return stream
+
+    def unembed(self, residual: Float[Array, "T D"]) -> Float[Array, "T V"]:
+        """Final norm and unembedding; logits are float32 whatever the parameter dtype."""
+        normed = self.final_norm(residual)
+        if self.unembedding is None:
+            return jnp.einsum("td,vd->tv", normed, self.embedding[...], preferred_element_type=jnp.float32)
+        return jnp.einsum("td,dv->tv", normed, self.unembedding[...], preferred_element_type=jnp.float32)
+
+    def from_embeddings(self, embeddings: Float[Array, "T D"], *, valid=None, positions=None) -> Float[Array, "T V"]:
+        return self.unembed(self.residual_stream(embeddings, valid=valid, positions=positions)[-1])
+
+    def __call__(self, tokens: Int[Array, " T"], *, valid=None, positions=None) -> Float[Array, "T V"]:
+        return self.from_embeddings(self.embed(tokens), valid=valid, positions=positions)
+
+
+def forward(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    tokens: Int[Array, " T"],
+    valid: Bool[Array, " T"] | None = None,
+    positions: Int[Array, " T"] | None = None,
+) -> Float[Array, "T V"]:
+    """Logits of one sequence, as a pure function of the model's graph definition and state."""
+    return nnx.merge(graphdef, state)(tokens, valid=valid, positions=positions)
+
+
+def forward_from_embeddings(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    embeddings: Float[Array, "T D"],
+    valid: Bool[Array, " T"] | None = None,
+    positions: Int[Array, " T"] | None = None,
+) -> Float[Array, "T V"]:
+    """Logits from input embeddings (the point where integrated gradients interpolate)."""
+    return nnx.merge(graphdef, state).from_embeddings(embeddings, valid=valid, positions=positions)
+
+
+def hidden_states(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    tokens: Int[Array, " T"],
+    valid: Bool[Array, " T"] | None = None,
+    positions: Int[Array, " T"] | None = None,
+) -> Float[Array, "L+1 T D"]:
+    """The residual stream entering each block and leaving the last one, stacked."""
+    model = nnx.merge(graphdef, state)
+    return jnp.stack(model.residual_stream(model.embed(tokens), valid=valid, positions=positions))
+
+
+def abstract_model(config: ModelConfig, dtype: jnp.dtype = jnp.float32) -> Transformer:
+    """The model with `jax.ShapeDtypeStruct` leaves: shapes and dtypes, no memory allocated."""
+    return nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0), dtype=dtype))
+
+
+def count_parameters(config: ModelConfig) -> int:
+    return sum(leaf.size for leaf in jax.tree.leaves(nnx.state(abstract_model(config))))
+
+
+def with_config(model: Transformer, config: ModelConfig) -> Transformer:
+    """The same weights under another configuration of the same shapes (e.g. bidirectional attention)."""
+    graphdef, state = nnx.split(model)
+    new_graphdef, new_state = nnx.split(abstract_model(config, model.embedding.dtype))
+    old_shapes = jax.tree.map(jnp.shape, state)
+    new_shapes = jax.tree.map(jnp.shape, new_state)
+    if old_shapes != new_shapes:
+        raise ConfigError(
+            "with_config can change conventions (attention, logit_shift, mask_token_id, rope_theta, norm_eps) "
+            "but not parameter shapes; build a new model for a different architecture")
+    return nnx.merge(new_graphdef, state)

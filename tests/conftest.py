@@ -1,0 +1,80 @@
+"""Shared builders: tiny random Hugging Face models, made in-process, saved as real checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+# Strict promotion, as equinox tests run: an accidental broadcast or dtype upcast is an error.
+jax.config.update("jax_numpy_rank_promotion", "raise")
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=3,
+            num_attention_heads=4, rope_theta=5_000.0, rms_norm_eps=1e-6, max_position_embeddings=64)
+FAMILIES = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}
+
+
+def tiny_torch_model(family: str, n_kv_heads: int, *, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A random Qwen2 or Llama model with every weight (norms and biases included) drawn at random, so
+    that a wrong layout or a skipped parameter changes the logits."""
+    config_class, model_class = FAMILIES[family]
+    config = config_class(**(TINY | dict(num_key_value_heads=n_kv_heads) | overrides))
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("norm.weight"):
+                parameter.copy_(1.0 + 0.2 * torch.randn_like(parameter))
+            else:
+                parameter.copy_(0.08 * torch.randn_like(parameter))
+    return model
+
+
+def save_hf(model: torch.nn.Module, directory: Path, **config_changes) -> Path:
+    """Save as a Hugging Face checkpoint directory, optionally editing config.json afterwards."""
+    model.save_pretrained(directory)
+    if config_changes:
+        config_path = directory / "config.json"
+        config = json.loads(config_path.read_text()) | config_changes
+        config_path.write_text(json.dumps({k: v for k, v in config.items() if v is not _DELETE}))
+    return directory
+
+
+_DELETE = object()
+DELETE = _DELETE  # value for `save_hf(..., field=DELETE)` to remove a config field
+
+
+def torch_logits(model: torch.nn.Module, tokens: np.ndarray, valid: np.ndarray | None = None,
+                 bidirectional: bool = False) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Logits and hidden states of the torch model for a batch, with `config.is_causal` set as asked."""
+    model.config.is_causal = not bidirectional
+    try:
+        with torch.no_grad():
+            out = model(input_ids=torch.as_tensor(tokens),
+                        attention_mask=None if valid is None else torch.as_tensor(valid.astype(np.int64)),
+                        output_hidden_states=True)
+    finally:
+        model.config.is_causal = True
+    return out.logits.numpy(), [h.numpy() for h in out.hidden_states]
+
+
+@jax.jit
+def run(model, tokens, valid=None):
+    """Logits of one sequence, jitted (eager dispatch of every op is slow even for tiny models)."""
+    return model(jnp.asarray(tokens), valid=None if valid is None else jnp.asarray(valid))
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct, converted once per test session."""
+    from conversion import convert
+
+    return convert("smollm2-135m-instruct")
