@@ -1,0 +1,74 @@
+"""Saved models: parameters with orbax-checkpoint, the configuration as JSON beside them.
+
+A saved model is a directory:
+  mdm_circuits.json   {"format": 1, "param_dtype": ..., "config": {ModelConfig fields}}
+  params/             the orbax checkpoint of the parameter tree
+  tokenizer.json      the tokenizer, when one is known
+The JSON file is written last, so an interrupted save never looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+import tokenizers
+from flax import nnx
+
+from mdm_circuits.config import ModelConfig
+from mdm_circuits.model import Transformer, abstract_model
+
+MANIFEST = "mdm_circuits.json"
+PARAMS = "params"
+TOKENIZER = "tokenizer.json"
+FORMAT = 1
+
+
+class CheckpointError(ValueError):
+    """A directory that does not hold a complete saved model."""
+
+
+def save(directory: str | Path, model: Transformer, tokenizer: tokenizers.Tokenizer | None = None) -> Path:
+    """Save `model` (and `tokenizer`) to `directory`, replacing any model saved there before."""
+    directory = Path(directory).absolute()  # orbax requires absolute paths
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / MANIFEST).unlink(missing_ok=True)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(directory / PARAMS, nnx.to_pure_dict(nnx.state(model)), force=True)
+        checkpointer.wait_until_finished()
+    if tokenizer is not None:
+        tokenizer.save(str(directory / TOKENIZER))
+    manifest = {"format": FORMAT, "param_dtype": jnp.dtype(model.embedding.dtype).name,
+                "config": model.config.to_dict()}
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return directory
+
+
+def read_manifest(directory: str | Path) -> tuple[ModelConfig, jnp.dtype]:
+    path = Path(directory) / MANIFEST
+    if not path.exists():
+        raise CheckpointError(
+            f"{directory} does not hold a saved mdm_circuits model (no {MANIFEST}); convert a checkpoint "
+            f"with `mdm-circuits convert SRC {directory}`, or the save was interrupted")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: format {manifest.get('format')!r}, this version reads format {FORMAT}")
+    return ModelConfig.from_dict(manifest["config"]), jnp.dtype(manifest["param_dtype"])
+
+
+def load(directory: str | Path) -> Transformer:
+    """The model saved in `directory` by `save`."""
+    directory = Path(directory).absolute()
+    config, dtype = read_manifest(directory)
+    graphdef, state = nnx.split(abstract_model(config, dtype))
+    with ocp.StandardCheckpointer() as checkpointer:
+        restored = checkpointer.restore(directory / PARAMS, nnx.to_pure_dict(state))
+    nnx.replace_by_pure_dict(state, restored)
+    return nnx.merge(graphdef, state)
+
+
+def load_tokenizer(directory: str | Path) -> tokenizers.Tokenizer | None:
+    path = Path(directory) / TOKENIZER
+    return tokenizers.Tokenizer.from_file(str(path)) if path.exists() else None

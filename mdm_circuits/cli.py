@@ -1,0 +1,170 @@
+"""The `mdm-circuits` command line: convert checkpoints, query converted models, plan memory."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from conversion import ConversionError, config_from_hf, convert
+from mdm_circuits import checkpoint
+from mdm_circuits.checkpoint import CheckpointError
+from mdm_circuits.config import ConfigError, ModelConfig
+from mdm_circuits.model import with_config
+from mdm_circuits.planning import plan
+from mdm_circuits.presets import PRESETS
+
+
+def _convert(args: argparse.Namespace) -> None:
+    print(f"converting {args.source}", flush=True)
+    start = time.perf_counter()
+
+    def progress(done: int, total: int) -> None:
+        if done == total or done % max(1, total // 10) == 0:
+            print(f"  {done}/{total} tensors", flush=True)
+
+    converted = convert(args.source, mdm=True if args.mdm else None, mask_token_id=args.mask_token_id,
+                        dtype=args.dtype, ignore_config_fields=tuple(args.ignore_config_field),
+                        progress=progress)
+    converted_at = time.perf_counter()
+    config = converted.model.config
+    print(f"converted in {converted_at - start:.1f} s: {config.n_layers} layers, {config.n_heads} heads "
+          f"({config.n_kv_heads} kv), d_model {config.d_model}, {config.attention} attention, "
+          f"logit shift {config.logit_shift}, mask token {config.mask_token_id}, "
+          f"{jnp.dtype(converted.model.embedding.dtype).name}")
+    checkpoint.save(args.destination, converted.model, converted.tokenizer)
+    print(f"saved to {args.destination} in {time.perf_counter() - converted_at:.1f} s"
+          + ("" if converted.tokenizer else " (no tokenizer found in the source)"))
+
+
+def _mask_token_id(args: argparse.Namespace, config: ModelConfig, tokenizer) -> int:
+    if args.mask_token_id is not None:
+        return args.mask_token_id
+    if args.mask_token is not None:
+        token_id = tokenizer.token_to_id(args.mask_token) if tokenizer else None
+        if token_id is None:
+            raise SystemExit(f"error: --mask-token {args.mask_token!r} is not a single token of this tokenizer")
+        return token_id
+    if config.mask_token_id is None:
+        raise SystemExit("error: this model has no mask token; pass --mask-token-id N or --mask-token TEXT")
+    return config.mask_token_id
+
+
+def _predict(args: argparse.Namespace) -> None:
+    start = time.perf_counter()
+    model = checkpoint.load(args.model)
+    tokenizer = checkpoint.load_tokenizer(args.model)
+    if tokenizer is None:
+        raise SystemExit(f"error: {args.model} has no tokenizer.json; convert from a source that has one")
+    config = model.config
+    if args.attention is not None:
+        config = config.replace(attention=args.attention)
+    tokens = tokenizer.encode(args.prompt).ids
+    answer_position = len(tokens)
+    if args.mask_answer:
+        config = config.replace(mask_token_id=_mask_token_id(args, config, tokenizer))
+        tokens = tokens + [config.mask_token_id]
+    elif not config.logit_shift:
+        raise SystemExit("error: this model's logits are not shifted (output i predicts token i); "
+                         "pass --mask-answer to append a masked answer position")
+    model = with_config(model, config)
+    print(f"loaded {args.model} in {time.perf_counter() - start:.1f} s; {config.attention} attention")
+    logits = jax.jit(lambda m, t: m(t))(model, jnp.asarray(tokens))
+    read_at = config.read_position(answer_position)
+    probabilities = np.asarray(jax.nn.softmax(logits[read_at]))
+    shown = " ".join(tokenizer.id_to_token(t) for t in tokens)
+    print(f"input ({len(tokens)} tokens): {shown}")
+    print(f"top {args.top} predictions for position {answer_position}"
+          f"{' (masked)' if args.mask_answer else ''}, read from the logits at position {read_at}:")
+    for rank, token in enumerate(np.argsort(-probabilities)[: args.top], start=1):
+        print(f"  {rank}. {tokenizer.decode([int(token)])!r:>16}  p={probabilities[token]:.4f}  "
+              f"logit={float(logits[read_at, token]):.3f}")
+
+
+def _plan(args: argparse.Namespace) -> None:
+    if args.model in PRESETS:
+        config = PRESETS[args.model]
+    else:
+        config = _config_from_path(Path(args.model))
+    dtype = jnp.dtype(args.dtype)
+    print(f"compiling a {args.mode} pass of batch {args.batch} x {args.seq_len} tokens, {dtype.name} "
+          f"parameters, without allocating them ...", flush=True)
+    result = plan(config, batch=args.batch, seq_len=args.seq_len, dtype=dtype, mode=args.mode)
+    gib = 2**30
+    print(f"parameters:       {result.n_parameters:,} ({result.parameter_bytes / gib:.2f} GiB)")
+    print(f"compiled for {result.backend} in {result.compile_seconds:.1f} s:")
+    print(f"  arguments       {result.argument_bytes / gib:8.2f} GiB")
+    print(f"  outputs         {result.output_bytes / gib:8.2f} GiB")
+    print(f"  temporaries     {result.temp_bytes / gib:8.2f} GiB")
+    print(f"  peak estimate   {result.peak_bytes / gib:8.2f} GiB")
+    if result.backend == "cpu" and dtype == jnp.bfloat16:
+        print("note: XLA on CPU computes bfloat16 matmuls through float32 copies of the weights, which the "
+              "temporaries include; an accelerator compiles the same program to less. Run this command on "
+              "the target machine for its own figure.")
+
+
+def _config_from_path(path: Path) -> ModelConfig:
+    if (path / checkpoint.MANIFEST).exists():
+        return checkpoint.read_manifest(path)[0]
+    config_file = path / "config.json" if path.is_dir() else path
+    if not config_file.exists():
+        raise SystemExit(f"error: {path} is neither a preset, a saved model nor a Hugging Face config.json")
+    return config_from_hf(json.loads(config_file.read_text()), source=str(config_file))[0]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mdm-circuits", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    convert = commands.add_parser("convert", help="convert a Hugging Face or GGUF checkpoint and save it")
+    convert.add_argument("source", help="Hugging Face directory, .gguf file, or 'smollm2-135m-instruct'")
+    convert.add_argument("destination", help="directory to save the converted model in")
+    convert.add_argument("--mdm", action="store_true",
+                         help="read a Llama/Qwen2 checkpoint as an MDM (DiffuLLaMA): bidirectional, shifted")
+    convert.add_argument("--mask-token-id", type=int, help="mask token of the MDM (DiffuLLaMA default: 811)")
+    convert.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                         help="parameter dtype; auto keeps bfloat16 checkpoints in bfloat16, else float32")
+    convert.add_argument("--ignore-config-field", action="append", default=[], metavar="FIELD",
+                         help="a config.json field you know does not change the computation (repeatable)")
+    convert.set_defaults(run=_convert)
+
+    predict = commands.add_parser("predict", help="top predictions of a converted model for a prompt")
+    predict.add_argument("model", help="directory written by `mdm-circuits convert`")
+    predict.add_argument("prompt")
+    predict.add_argument("--top", type=int, default=5)
+    predict.add_argument("--attention", choices=["causal", "bidirectional"],
+                         help="override the model's attention (e.g. query an ARM bidirectionally)")
+    predict.add_argument("--mask-answer", action="store_true",
+                         help="append a mask token at the answer position (the MDM view)")
+    predict.add_argument("--mask-token-id", type=int, help="mask token id, if the model has none")
+    predict.add_argument("--mask-token", help="mask token given as text, e.g. '<|endoftext|>'")
+    predict.set_defaults(run=_predict)
+
+    plan = commands.add_parser("plan", help="parameter count and compiled memory, without weights")
+    plan.add_argument("model", help=f"a preset ({', '.join(PRESETS)}), a saved model or a config.json")
+    plan.add_argument("--batch", type=int, default=8)
+    plan.add_argument("--seq-len", type=int, default=128)
+    plan.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    plan.add_argument("--mode", default="forward", choices=["forward", "gradient"],
+                      help="gradient: forward + backward to the input embeddings, as attribution runs")
+    plan.set_defaults(run=_plan)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (ConversionError, CheckpointError, ConfigError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from error
+
+
+if __name__ == "__main__":
+    main()

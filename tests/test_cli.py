@@ -1,0 +1,57 @@
+"""The command line end to end on a tiny checkpoint: convert, predict, plan, and errors as exit code 2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import save_hf, tiny_torch_model
+from mdm_circuits import checkpoint
+from mdm_circuits.cli import main
+
+
+@pytest.fixture
+def llama_dir(tmp_path):
+    directory = save_hf(tiny_torch_model("llama", 2), tmp_path / "hf")
+    # A word-level tokenizer.json, as a Hugging Face directory would carry one.
+    import tokenizers
+    from tokenizers import models, pre_tokenizers
+
+    tokenizer = tokenizers.Tokenizer(models.WordLevel({f"w{i}": i for i in range(96)}, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(str(directory / "tokenizer.json"))
+    return directory
+
+
+def test_convert_then_predict(llama_dir, tmp_path, capsys):
+    main(["convert", str(llama_dir), str(tmp_path / "out"), "--mdm", "--mask-token-id", "95"])
+    output = capsys.readouterr().out
+    assert "bidirectional attention" in output and "mask token 95" in output and "30/30 tensors" in output
+    assert checkpoint.read_manifest(tmp_path / "out")[0].mask_token_id == 95
+
+    main(["predict", str(tmp_path / "out"), "w1 w2 w3", "--mask-answer", "--top", "3"])
+    output = capsys.readouterr().out
+    assert "top 3 predictions for position 3 (masked), read from the logits at position 2" in output
+    assert output.count(" p=") == 3
+
+
+def test_predict_refuses_masking_without_a_mask_token(llama_dir, tmp_path):
+    main(["convert", str(llama_dir), str(tmp_path / "arm")])
+    with pytest.raises(SystemExit, match="no mask token"):
+        main(["predict", str(tmp_path / "arm"), "w1 w2", "--mask-answer"])
+
+
+def test_plan_from_config_json(llama_dir, capsys):
+    main(["plan", str(llama_dir / "config.json"), "--batch", "2", "--seq-len", "8", "--dtype", "float32"])
+    output = capsys.readouterr().out
+    assert "peak estimate" in output and "parameters:" in output
+
+
+def test_bad_source_exits_with_the_error(tmp_path, capsys):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "t5"}))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["convert", str(tmp_path / "hf"), str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert "unknown model_type 't5'" in capsys.readouterr().err
