@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import save_hf, tiny_torch_model, torch_logits  # noqa: E402
 
 from conversion import convert  # noqa: E402
-from mdm_circuits.model import forward, hidden_states, with_config  # noqa: E402
+from mdm_circuits.model import activations, forward, with_config  # noqa: E402
 
 
 def main() -> None:
@@ -40,7 +40,7 @@ def main() -> None:
                     mask = valid if padded else np.ones_like(valid)
                     want_logits, want_hidden = torch_logits(torch_model, tokens, mask, attention == "bidirectional")
                     logits = jax.vmap(forward, in_axes=(None, None, 0, 0))(graphdef, state, tokens, mask)
-                    stream = jax.vmap(hidden_states, in_axes=(None, None, 0, 0))(graphdef, state, tokens, mask)
+                    stream = jax.vmap(activations, in_axes=(None, None, 0, 0))(graphdef, state, tokens, mask).residual
                     hidden_error = max(np.abs(np.asarray(stream[:, layer]) - want_hidden[layer])[mask].max()
                                        for layer in range(variant.config.n_layers))
                     logit_error = np.abs(np.asarray(logits) - want_logits)[mask].max()

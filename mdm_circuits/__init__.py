@@ -8,24 +8,28 @@ The model core: `ModelConfig` (frozen), the `Transformer` NNX module, and pure f
 from mdm_circuits import checkpoint
 from mdm_circuits.config import ConfigError, ModelConfig
 from mdm_circuits.model import (
+    Activations,
     Transformer,
     abstract_model,
+    activations,
     count_parameters,
     forward,
     forward_from_embeddings,
-    hidden_states,
+    head_outputs,
     with_config,
 )
 
 __all__ = [
+    "Activations",
     "ConfigError",
     "ModelConfig",
     "Transformer",
     "abstract_model",
+    "activations",
     "checkpoint",
     "count_parameters",
     "forward",
     "forward_from_embeddings",
-    "hidden_states",
+    "head_outputs",
     "with_config",
 ]

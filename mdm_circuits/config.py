@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal, get_args
 
-Attention = Literal["causal", "bidirectional"]
+AttentionKind = Literal["causal", "bidirectional"]
 
 
 class ConfigError(ValueError):
@@ -29,6 +29,9 @@ class ModelConfig:
       head_dim: width of one head.
       d_mlp: hidden width of the SwiGLU MLP.
       rope_theta: base of the rotary position embedding (Hugging Face layout: rotated halves, not pairs).
+      rope_in_float32: rotate queries and keys in float32 and cast back (LLaDA's `rope_full_precision`);
+        otherwise rotate in the activation dtype with the tables cast to it (Hugging Face Qwen2 and Llama).
+        The two differ only for bfloat16 parameters.
       norm_eps: epsilon inside the RMSNorm square root.
       qkv_bias: whether the query, key and value projections have biases (Qwen2, Dream).
       tie_embeddings: whether the unembedding is the transposed embedding table.
@@ -46,10 +49,11 @@ class ModelConfig:
     head_dim: int
     d_mlp: int
     rope_theta: float = 10_000.0
+    rope_in_float32: bool = False
     norm_eps: float = 1e-6
     qkv_bias: bool = False
     tie_embeddings: bool = False
-    attention: Attention = "causal"
+    attention: AttentionKind = "causal"
     logit_shift: bool = True
     mask_token_id: int | None = None
 
@@ -63,24 +67,20 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 problems.append(f"{name} must be a positive number, got {value!r}")
-        for name in ("qkv_bias", "tie_embeddings", "logit_shift"):
+        for name in ("rope_in_float32", "qkv_bias", "tie_embeddings", "logit_shift"):
             if not isinstance(getattr(self, name), bool):
                 problems.append(f"{name} must be a bool, got {getattr(self, name)!r}")
-        if self.attention not in get_args(Attention):
-            problems.append(f"attention must be one of {get_args(Attention)}, got {self.attention!r}")
+        if self.attention not in get_args(AttentionKind):
+            problems.append(f"attention must be one of {get_args(AttentionKind)}, got {self.attention!r}")
         if not problems and self.n_heads % self.n_kv_heads:
             problems.append(
                 f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if not problems and self.head_dim % 2:
             problems.append(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
-        if self.mask_token_id is not None and (
-            isinstance(self.mask_token_id, bool)
-            or not isinstance(self.mask_token_id, int)
-            or not 0 <= self.mask_token_id < (self.vocab_size if isinstance(self.vocab_size, int) else 0)
-        ):
-            problems.append(
-                f"mask_token_id must be a token id in [0, vocab_size={self.vocab_size}), "
-                f"got {self.mask_token_id!r}")
+        mask = self.mask_token_id
+        if mask is not None and not problems and (
+                isinstance(mask, bool) or not isinstance(mask, int) or not 0 <= mask < self.vocab_size):
+            problems.append(f"mask_token_id must be a token id in [0, vocab_size={self.vocab_size}), got {mask!r}")
         if problems:
             raise ConfigError("invalid ModelConfig: " + "; ".join(problems))
 

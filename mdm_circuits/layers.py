@@ -42,12 +42,20 @@ def rotary_tables(
 
 
 def apply_rotary(
-    x: Float[Array, "T N E"], rope: tuple[Float[Array, "T E/2"], Float[Array, "T E/2"]]
+    x: Float[Array, "T N E"],
+    rope: tuple[Float[Array, "T E/2"], Float[Array, "T E/2"]],
+    in_float32: bool = False,
 ) -> Float[Array, "T N E"]:
-    """Rotate the two halves of each head (Hugging Face's non-interleaved layout), in x's dtype."""
-    cos, sin = (table.astype(x.dtype)[:, None, :] for table in rope)
-    first, second = jnp.split(x, 2, axis=-1)
-    return jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+    """Rotate the two halves of each head (Hugging Face's non-interleaved layout).
+
+    By default in x's dtype with the tables cast to it (as transformers does); with `in_float32`, x is
+    rotated in float32 and cast back (as LLaDA does).
+    """
+    dtype = jnp.float32 if in_float32 else x.dtype
+    cos, sin = (table.astype(dtype)[:, None, :] for table in rope)
+    first, second = jnp.split(x.astype(dtype), 2, axis=-1)
+    rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+    return rotated.astype(x.dtype)
 
 
 class Attention(nnx.Module):
@@ -71,6 +79,7 @@ class Attention(nnx.Module):
             self.b_q = self.b_k = self.b_v = None
         self.n_kv_heads = k
         self.heads_per_kv = config.heads_per_kv
+        self.rope_in_float32 = config.rope_in_float32
 
     def _project(self, x: Float[Array, "T D"], weight: nnx.Param, bias: nnx.Param | None):
         out = jnp.einsum("td,dne->tne", x, weight[...])
@@ -84,8 +93,8 @@ class Attention(nnx.Module):
         rope: tuple[Float[Array, "T E/2"], Float[Array, "T E/2"]],
     ) -> Float[Array, "T H E"]:
         """Each query head's attention-weighted values z (before the output projection)."""
-        q = apply_rotary(self._project(x, self.w_q, self.b_q), rope)
-        k = apply_rotary(self._project(x, self.w_k, self.b_k), rope)
+        q = apply_rotary(self._project(x, self.w_q, self.b_q), rope, self.rope_in_float32)
+        k = apply_rotary(self._project(x, self.w_k, self.b_k), rope, self.rope_in_float32)
         v = self._project(x, self.w_v, self.b_v)
         t, _, e = q.shape
         q = q.reshape(t, self.n_kv_heads, self.heads_per_kv, e)
@@ -129,6 +138,14 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps, dtype=dtype)
         self.mlp = MLP(config, dtype=dtype, rngs=rngs)
 
+    def trace(
+        self, x: Float[Array, "T D"], *, mask, rope
+    ) -> tuple[Float[Array, "T D"], Float[Array, "T H E"], Float[Array, "T D"]]:
+        """The block's output, with its heads' z and its MLP's output along the way."""
+        z = self.attn.heads(self.attn_norm(x), mask=mask, rope=rope)
+        x = x + self.attn.output(z)
+        mlp_out = self.mlp(self.mlp_norm(x))
+        return x + mlp_out, z, mlp_out
+
     def __call__(self, x: Float[Array, "T D"], *, mask, rope) -> Float[Array, "T D"]:
-        x = x + self.attn(self.attn_norm(x), mask=mask, rope=rope)
-        return x + self.mlp(self.mlp_norm(x))
+        return self.trace(x, mask=mask, rope=rope)[0]

@@ -8,10 +8,13 @@ The module is written for one sequence: tokens[T] -> logits[T, V]. Batch with `j
 
 Padding: `valid[S]` marks real tokens; padded positions are never attended to, and their own outputs are
 unspecified (finite). Positions default to 0..T-1 for every sequence, as in Hugging Face; RoPE depends only
-on position differences, so left padding leaves the real tokens' logits unchanged.
+on position differences, so left padding leaves the real tokens' logits unchanged up to rounding.
+Token ids outside the vocabulary give NaN embeddings (`jnp.take`'s fill), which poison every output.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +23,19 @@ from jaxtyping import Array, Bool, Float, Int
 
 from mdm_circuits.config import ConfigError, ModelConfig
 from mdm_circuits.layers import Block, RMSNorm, weight_init, rotary_tables
+
+
+class Activations(NamedTuple):
+    """What a forward pass computed along the way, for one sequence.
+
+    residual: the residual stream entering each block, then leaving the last one (before the final norm).
+    head_z: each head's attention-weighted values, before the output projection.
+    mlp_out: each MLP's output.
+    """
+
+    residual: Float[Array, "L+1 T D"]
+    head_z: Float[Array, "L T H E"]
+    mlp_out: Float[Array, "L T D"]
 
 
 class Transformer(nnx.Module):
@@ -46,23 +62,26 @@ class Transformer(nnx.Module):
             mask = mask & jnp.tril(jnp.ones((n, n), dtype=bool))
         return mask
 
-    def residual_stream(
+    def trace(
         self,
         embeddings: Float[Array, "T D"],
         *,
         valid: Bool[Array, " T"] | None = None,
         positions: Int[Array, " T"] | None = None,
-    ) -> list[Float[Array, "T D"]]:
-        """The residual stream entering each block, then leaving the last one (L + 1 arrays, before the final norm)."""
+    ) -> Activations:
+        """Run the blocks from input embeddings (cast to the parameter dtype), keeping what each one did."""
         n = embeddings.shape[0]
         valid = jnp.ones((n,), dtype=bool) if valid is None else valid
         positions = jnp.arange(n) if positions is None else positions
         mask = self.attention_mask(valid)
         rope = rotary_tables(positions, self.config.head_dim, self.config.rope_theta)
-        stream = [embeddings]
+        residual, head_z, mlp_out = [embeddings.astype(self.embedding.dtype)], [], []
         for block in self.blocks:
-            stream.append(block(stream[-1], mask=mask, rope=rope))
-        return stream
+            x, z, mlp = block.trace(residual[-1], mask=mask, rope=rope)
+            residual.append(x)
+            head_z.append(z)
+            mlp_out.append(mlp)
+        return Activations(jnp.stack(residual), jnp.stack(head_z), jnp.stack(mlp_out))
 
     def unembed(self, residual: Float[Array, "T D"]) -> Float[Array, "T V"]:
         """Final norm and unembedding; logits are float32 whatever the parameter dtype."""
@@ -72,7 +91,7 @@ class Transformer(nnx.Module):
         return jnp.einsum("td,dv->tv", normed, self.unembedding[...], preferred_element_type=jnp.float32)
 
     def from_embeddings(self, embeddings: Float[Array, "T D"], *, valid=None, positions=None) -> Float[Array, "T V"]:
-        return self.unembed(self.residual_stream(embeddings, valid=valid, positions=positions)[-1])
+        return self.unembed(self.trace(embeddings, valid=valid, positions=positions).residual[-1])
 
     def __call__(self, tokens: Int[Array, " T"], *, valid=None, positions=None) -> Float[Array, "T V"]:
         return self.from_embeddings(self.embed(tokens), valid=valid, positions=positions)
@@ -100,16 +119,29 @@ def forward_from_embeddings(
     return nnx.merge(graphdef, state).from_embeddings(embeddings, valid=valid, positions=positions)
 
 
-def hidden_states(
+def activations(
     graphdef: nnx.GraphDef,
     state: nnx.State,
     tokens: Int[Array, " T"],
     valid: Bool[Array, " T"] | None = None,
     positions: Int[Array, " T"] | None = None,
-) -> Float[Array, "L+1 T D"]:
-    """The residual stream entering each block and leaving the last one, stacked."""
+) -> Activations:
+    """The residual stream, every head's z and every MLP's output for one sequence."""
     model = nnx.merge(graphdef, state)
-    return jnp.stack(model.residual_stream(model.embed(tokens), valid=valid, positions=positions))
+    return model.trace(model.embed(tokens), valid=valid, positions=positions)
+
+
+def head_outputs(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    tokens: Int[Array, " T"],
+    valid: Bool[Array, " T"] | None = None,
+    positions: Int[Array, " T"] | None = None,
+) -> Float[Array, "L T H D"]:
+    """What each head of each layer writes to the residual stream (z W_O, no output bias)."""
+    model = nnx.merge(graphdef, state)
+    head_z = model.trace(model.embed(tokens), valid=valid, positions=positions).head_z
+    return jnp.stack([block.attn.head_outputs(z) for block, z in zip(model.blocks, head_z)])
 
 
 def abstract_model(config: ModelConfig, dtype: jnp.dtype = jnp.float32) -> Transformer:

@@ -1,7 +1,8 @@
 """Configurations of the released checkpoints the study uses, for planning without downloading weights.
 
-Values follow each checkpoint's config.json (DESIGN.md section 3); a converted checkpoint carries its own
-configuration, so these are only needed before one is at hand.
+Values follow each checkpoint's config.json (DESIGN.md section 3; tests/data/configs holds the configs they
+are checked against); a converted checkpoint carries its own configuration, so these are only needed
+before one is at hand.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ PRESETS: MappingProxyType[str, ModelConfig] = MappingProxyType({
     "diffullama-7b": _LLAMA2_7B.replace(attention="bidirectional", mask_token_id=811),
     "llada-8b": ModelConfig(
         vocab_size=126_464, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, head_dim=128,
-        d_mlp=12_288, rope_theta=500_000.0, norm_eps=1e-5, attention="bidirectional", logit_shift=False,
-        mask_token_id=126_336),
+        d_mlp=12_288, rope_theta=500_000.0, rope_in_float32=True, norm_eps=1e-5, attention="bidirectional",
+        logit_shift=False, mask_token_id=126_336),
     "smollm2-135m": ModelConfig(
         vocab_size=49_152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64, d_mlp=1536,
         rope_theta=100_000.0, norm_eps=1e-5, tie_embeddings=True),

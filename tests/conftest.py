@@ -53,17 +53,20 @@ DELETE = _DELETE  # value for `save_hf(..., field=DELETE)` to remove a config fi
 
 
 def torch_logits(model: torch.nn.Module, tokens: np.ndarray, valid: np.ndarray | None = None,
-                 bidirectional: bool = False) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Logits and hidden states of the torch model for a batch, with `config.is_causal` set as asked."""
+                 bidirectional: bool = False, positions: np.ndarray | None = None,
+                 ) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Logits and hidden states (as float32) of the torch model for a batch, with `config.is_causal` set
+    as asked."""
     model.config.is_causal = not bidirectional
     try:
         with torch.no_grad():
             out = model(input_ids=torch.as_tensor(tokens),
                         attention_mask=None if valid is None else torch.as_tensor(valid.astype(np.int64)),
+                        position_ids=None if positions is None else torch.as_tensor(positions),
                         output_hidden_states=True)
     finally:
         model.config.is_causal = True
-    return out.logits.numpy(), [h.numpy() for h in out.hidden_states]
+    return out.logits.float().numpy(), [h.float().numpy() for h in out.hidden_states]
 
 
 @jax.jit

@@ -11,7 +11,15 @@ from flax import nnx
 from conftest import run
 from mdm_circuits.config import ConfigError, ModelConfig
 from mdm_circuits.layers import rotary_tables
-from mdm_circuits.model import Transformer, count_parameters, forward, forward_from_embeddings, with_config
+from mdm_circuits.model import (
+    Transformer,
+    activations,
+    count_parameters,
+    forward,
+    forward_from_embeddings,
+    head_outputs,
+    with_config,
+)
 
 CONFIG = ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_mlp=48,
                      qkv_bias=True)
@@ -73,6 +81,27 @@ def test_head_outputs_sum_to_attention_output(model):
     np.testing.assert_allclose(per_head.sum(axis=1), attention(x, mask=mask, rope=rope), atol=1e-6)
     # Head 3 alone: its slice of W_O times its own z.
     np.testing.assert_allclose(per_head[:, 3], z[:, 3] @ attention.w_o[3], atol=1e-6)
+
+
+def test_residual_stream_is_the_sum_of_head_and_mlp_writes(model):
+    graphdef, state = nnx.split(model)
+    tokens = jnp.array([7, 1, 30, 22, 5])
+    trace = activations(graphdef, state, tokens)
+    per_head = head_outputs(graphdef, state, tokens)
+    assert per_head.shape == (CONFIG.n_layers, 5, CONFIG.n_heads, CONFIG.d_model)
+    writes = per_head.sum(axis=2) + trace.mlp_out
+    np.testing.assert_allclose(trace.residual[1:] - trace.residual[:-1], writes, atol=1e-5)
+    np.testing.assert_array_equal(trace.residual[0], model.embed(tokens))
+
+
+def test_float32_embeddings_run_in_the_parameter_dtype(model):
+    graphdef, state = nnx.split(model)
+    bf16_state = jax.tree.map(lambda leaf: leaf.astype(jnp.bfloat16), state)
+    bf16_model = nnx.merge(graphdef, bf16_state)
+    tokens = jnp.array([5, 4, 3, 2])
+    embeddings = bf16_model.embed(tokens).astype(jnp.float32)
+    np.testing.assert_array_equal(forward_from_embeddings(graphdef, bf16_state, embeddings),
+                                  forward(graphdef, bf16_state, tokens))
 
 
 def test_bfloat16_model_tracks_float32(model):
