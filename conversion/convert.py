@@ -167,8 +167,10 @@ def convert(
         tokenizer = tokenizers.Tokenizer.from_file(str(tokenizer_path)) if tokenizer_path.exists() else None
         return Converted(model, tokenizer)
     if path.suffix == ".gguf":
+        if ignore_config_fields:
+            raise ConversionError("ignore_config_fields applies to a Hugging Face config.json, not to GGUF")
         checkpoint = GGUFCheckpoint(path)
-        config = _with_mdm_conventions(checkpoint.model_config(), mdm, mask_token_id, str(path))
+        config = checkpoint.model_config(mdm=mdm, mask_token_id=mask_token_id)
         names = GGUF_LLAMA if checkpoint.architecture == "llama" else GGUF_QWEN2
         model = fill_parameters(checkpoint, names, config, dtype=dtype, source=str(path), progress=progress)
         try:
@@ -179,12 +181,3 @@ def convert(
         return Converted(model, tokenizer)
     raise ConversionError(f"{path} is neither a Hugging Face checkpoint directory nor a .gguf file")
 
-
-def _with_mdm_conventions(config: ModelConfig, mdm: bool | None, mask_token_id: int | None,
-                          source: str) -> ModelConfig:
-    if not mdm:
-        return config
-    if mask_token_id is None:
-        raise ConversionError(f"cannot convert {source} as a masked diffusion model: it has no mask token; "
-                              f"pass mask_token_id (--mask-token-id N)")
-    return config.replace(attention="bidirectional", logit_shift=True, mask_token_id=mask_token_id)

@@ -13,7 +13,8 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
 
 from conversion.errors import ConversionError
-from mdm_circuits.config import ModelConfig
+from conversion.conventions import resolve_conventions
+from mdm_circuits.config import ConfigError, ModelConfig
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 
@@ -56,7 +57,8 @@ class GGUFCheckpoint:
                 f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
         return architecture
 
-    def model_config(self) -> ModelConfig:
+    def model_config(self, *, mdm: bool | None = None, mask_token_id: int | None = None) -> ModelConfig:
+        """The configuration stated by the metadata, read as an ARM unless `mdm` (see `resolve_conventions`)."""
         arch = self.architecture
         problems = [f"metadata {arch}.{key} = {self.metadata(f'{arch}.{key}')!r} is not supported"
                     for key in _UNSUPPORTED_METADATA
@@ -70,31 +72,35 @@ class GGUFCheckpoint:
 
         d_model = required("embedding_length")
         n_heads = required("attention.head_count")
-        n_layers = required("block_count")
-        d_mlp = required("feed_forward_length")
-        norm_eps = required("attention.layer_norm_rms_epsilon")
-        if problems:
-            raise ConversionError(f"{self.path.name}: cannot build a model configuration", problems)
-        n_kv_heads = self.metadata(f"{arch}.attention.head_count_kv", n_heads)
-        head_dim = self.metadata(f"{arch}.attention.key_length", d_model // n_heads)
-        rope_dim = self.metadata(f"{arch}.rope.dimension_count", head_dim)
-        if rope_dim != head_dim:
-            raise ConversionError(
-                f"{self.path.name}: partial rotary embedding (rope.dimension_count {rope_dim} < head dim "
-                f"{head_dim}) is not supported")
-        return ModelConfig(
-            vocab_size=int(self._tensors["token_embd.weight"].shape[-1]),
-            d_model=int(d_model),
-            n_layers=int(n_layers),
-            n_heads=int(n_heads),
-            n_kv_heads=int(n_kv_heads),
-            head_dim=int(head_dim),
-            d_mlp=int(d_mlp),
-            rope_theta=float(self.metadata(f"{arch}.rope.freq_base", 10_000.0)),
-            norm_eps=float(norm_eps),
+        fields = dict(
+            d_model=d_model,
+            n_layers=required("block_count"),
+            n_heads=n_heads,
+            d_mlp=required("feed_forward_length"),
+            norm_eps=required("attention.layer_norm_rms_epsilon"),
+            n_kv_heads=self.metadata(f"{arch}.attention.head_count_kv", n_heads),
+            rope_theta=self.metadata(f"{arch}.rope.freq_base", 10_000.0),
             qkv_bias="blk.0.attn_q.bias" in self._tensors,
             tie_embeddings="output.weight" not in self._tensors,
         )
+        if "token_embd.weight" in self._tensors:
+            fields["vocab_size"] = int(self._tensors["token_embd.weight"].shape[-1])
+        else:
+            problems.append("tensor token_embd.weight is missing")
+        if isinstance(d_model, int) and isinstance(n_heads, int):
+            fields["head_dim"] = self.metadata(f"{arch}.attention.key_length", d_model // n_heads)
+            rope_dim = self.metadata(f"{arch}.rope.dimension_count", fields["head_dim"])
+            if rope_dim != fields["head_dim"]:
+                problems.append(f"partial rotary embedding (rope.dimension_count {rope_dim} < head dim "
+                                f"{fields['head_dim']}) is not supported")
+        fields |= resolve_conventions(family=arch, native="arm", mdm=mdm, mask_token_id=mask_token_id,
+                                      config_mask_token_id=None, problems=problems)
+        if problems:
+            raise ConversionError(f"{self.path.name}: cannot build a model configuration", problems)
+        try:
+            return ModelConfig(**fields)
+        except ConfigError as error:
+            raise ConversionError(f"{self.path.name}: {error}") from error
 
     def tokenizer(self) -> tokenizers.Tokenizer | None:
         """The byte-level BPE tokenizer stored in the file's metadata; None if the file stores none."""
@@ -104,14 +110,26 @@ class GGUFCheckpoint:
         if kind != "gpt2" or pre not in _PRE_TOKENIZERS:
             raise ConversionError(
                 f"{self.path.name}: tokenizer {kind!r} with pre-tokenizer {pre!r} cannot be rebuilt "
-                f"(supported: gpt2 with {sorted(_PRE_TOKENIZERS)}); save a tokenizer.json beside the model")
+                f"(supported: gpt2 with {sorted(_PRE_TOKENIZERS)}); put the model's tokenizer.json in the "
+                f"converted directory by hand")
+        try:
+            return self._build_tokenizer(pre)
+        except ConversionError:
+            raise
+        except Exception as error:  # tokenizers raises its own exception types on inconsistent vocabularies
+            raise ConversionError(f"{self.path.name}: the tokenizer metadata is inconsistent ({error})") from error
+
+    def _build_tokenizer(self, pre: str) -> tokenizers.Tokenizer:
         tokens = self.metadata("tokenizer.ggml.tokens")
-        merges = [tuple(merge.split(" ", 1)) for merge in self.metadata("tokenizer.ggml.merges")]
-        tokenizer = tokenizers.Tokenizer(
-            models.BPE(vocab={token: i for i, token in enumerate(tokens)}, merges=merges))
+        merges = self.metadata("tokenizer.ggml.merges")
+        if tokens is None or merges is None:
+            raise ConversionError(f"{self.path.name}: tokenizer metadata lacks its tokens or merges")
+        tokenizer = tokenizers.Tokenizer(models.BPE(
+            vocab={token: i for i, token in enumerate(tokens)},
+            merges=[tuple(merge.split(" ", 1)) for merge in merges]))
         tokenizer.pre_tokenizer = _PRE_TOKENIZERS[pre]()
         tokenizer.decoder = decoders.ByteLevel()
-        token_types = self.metadata("tokenizer.ggml.token_type")
+        token_types = self.metadata("tokenizer.ggml.token_type") or []
         control = int(gguf.TokenType.CONTROL)
         tokenizer.add_special_tokens(
             [tokenizers.AddedToken(token, special=True, normalized=False)

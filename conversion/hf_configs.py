@@ -11,12 +11,10 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from conversion import tables
+from conversion.conventions import resolve_conventions
 from conversion.errors import ConversionError
 from conversion.tables import FamilyNames
 from mdm_circuits.config import ConfigError, ModelConfig
-
-# DiffuLLaMA re-uses an existing Llama-2 vocabulary token as its mask (not stated in its config).
-DIFFULLAMA_MASK_TOKEN_ID = 811
 
 _METADATA = frozenset({
     "_name_or_path", "name_or_path", "architectures", "auto_map", "model_type", "transformers_version",
@@ -59,16 +57,21 @@ class _Reader:
             raise ConversionError(f"cannot convert {self.source}", self.problems)
 
 
-def _rope_theta(reader: _Reader) -> float:
-    """RoPE base from transformers v5 (`rope_parameters`) or v4 (`rope_theta`, `rope_scaling`)."""
+def _rope_theta(reader: _Reader) -> Any:
+    """RoPE base from transformers v5 (`rope_parameters`) and/or v4 (`rope_theta`, `rope_scaling`)."""
     parameters = reader.get("rope_parameters", None)
-    if parameters is not None:
-        if parameters.get("rope_type", "default") != "default" or set(parameters) - {"rope_type", "rope_theta"}:
-            reader.problems.append(
-                f"field 'rope_parameters' = {parameters!r} is not supported (only plain RoPE is implemented)")
-        return parameters.get("rope_theta", 10_000.0)
+    theta = reader.get("rope_theta", None)
     reader.require("rope_scaling", lambda value: value is None, "only plain RoPE is implemented")
-    return reader.get("rope_theta", 10_000.0)
+    if parameters is None:
+        return 10_000.0 if theta is None else theta
+    if not isinstance(parameters, dict) or parameters.get("rope_type", "default") != "default" or (
+            set(parameters) - {"rope_type", "rope_theta"}):
+        reader.problems.append(
+            f"field 'rope_parameters' = {parameters!r} is not supported (only plain RoPE is implemented)")
+        return theta
+    if theta is not None and parameters.get("rope_theta", theta) != theta:
+        reader.problems.append(f"fields 'rope_theta' = {theta!r} and 'rope_parameters' = {parameters!r} disagree")
+    return parameters.get("rope_theta", 10_000.0 if theta is None else theta)
 
 
 def _decoder_shape(reader: _Reader) -> dict[str, Any]:
@@ -87,8 +90,8 @@ def _decoder_shape(reader: _Reader) -> dict[str, Any]:
         n_kv_heads=reader.get("num_key_value_heads", None) or n_heads,
         head_dim=head_dim,
         d_mlp=reader.get("intermediate_size"),
-        rope_theta=float(_rope_theta(reader)),
-        norm_eps=float(reader.get("rms_norm_eps", 1e-6)),
+        rope_theta=_rope_theta(reader),
+        norm_eps=reader.get("rms_norm_eps", 1e-6),
         tie_embeddings=reader.get("tie_word_embeddings", False),
     )
 
@@ -96,6 +99,7 @@ def _decoder_shape(reader: _Reader) -> dict[str, Any]:
 def _qwen2_shape(reader: _Reader) -> dict[str, Any]:
     reader.seen |= {"sliding_window", "max_window_layers"}  # only read when sliding windows are on
     reader.require("use_sliding_window", lambda value: value is False, "full attention only", False)
+    reader.require("use_mrope", lambda value: value is False, "text-only RoPE, not multimodal", False)
     reader.require("layer_types", lambda value: value is None or set(value) <= {"full_attention"},
                    "full attention in every layer only")
     return _decoder_shape(reader) | dict(qkv_bias=True)
@@ -111,7 +115,7 @@ def _llama_shape(reader: _Reader) -> dict[str, Any]:
 _LLADA_METADATA = frozenset({
     "max_sequence_length", "init_device", "init_fn", "init_std", "init_cutoff_factor", "embedding_dropout",
     "residual_dropout", "flash_attention", "precision", "block_group_size", "alibi_bias_max",
-    "rope_full_precision", "bias_for_layer_norm", "attention_layer_norm_with_affine", "mlp_ratio",
+    "bias_for_layer_norm", "attention_layer_norm_with_affine", "mlp_ratio",
 })
 
 
@@ -149,8 +153,9 @@ def _llada_shape(reader: _Reader) -> dict[str, Any]:
         n_kv_heads=reader.get("n_kv_heads", None) or n_heads,
         head_dim=d_model // n_heads if isinstance(d_model, int) and isinstance(n_heads, int) else None,
         d_mlp=d_mlp,
-        rope_theta=float(reader.get("rope_theta", 10_000.0)),
-        norm_eps=float(reader.get("rms_norm_eps", 1e-5)),
+        rope_theta=reader.get("rope_theta", 10_000.0),
+        rope_in_float32=reader.get("rope_full_precision", True),
+        norm_eps=reader.get("rms_norm_eps", 1e-5),
         qkv_bias=bool(reader.get("include_qkv_bias", False)),
         tie_embeddings=bool(reader.get("weight_tying", False)),
     )
@@ -176,31 +181,19 @@ def config_from_hf(
     """
     model_type = raw.get("model_type")
     families = {"qwen2": (_qwen2_shape, "arm"), "llama": (_llama_shape, "arm"),
-                "dream": (_qwen2_shape, "dream"), "llada": (_llada_shape, "llada")}
+                "dream": (_qwen2_shape, "shifted_mdm"), "llada": (_llada_shape, "unshifted_mdm")}
     if not isinstance(model_type, str) or model_type.lower() not in families:
         raise ConversionError(
             f"cannot convert {source}: unknown model_type {model_type!r}; supported: qwen2, Dream, llama "
             f"(also DiffuLLaMA with --mdm), llada")
-    shape_of, kind = families[model_type.lower()]
-    metadata = _METADATA | (_LLADA_METADATA if kind == "llada" else frozenset())
+    family = model_type.lower()
+    shape_of, native = families[family]
+    metadata = _METADATA | (_LLADA_METADATA if family == "llada" else frozenset())
     reader = _Reader(raw, source, metadata, ignore_fields)
-    fields = shape_of(reader)
-    config_mask = reader.get("mask_token_id", None)
+    fields = shape_of(reader) | resolve_conventions(
+        family=family, native=native, mdm=mdm, mask_token_id=mask_token_id,
+        config_mask_token_id=reader.get("mask_token_id", None), problems=reader.problems)
     is_causal = reader.get("is_causal", None)
-    if kind != "arm" and mdm is False:
-        reader.problems.append(f"model_type {model_type!r} is a masked diffusion model; do not pass mdm=False")
-    is_mdm = kind != "arm" or bool(mdm)
-    if is_mdm:
-        mask = mask_token_id if mask_token_id is not None else config_mask
-        if mask is None and model_type == "llama":
-            mask = DIFFULLAMA_MASK_TOKEN_ID
-        if mask is None:
-            reader.problems.append(
-                "a masked diffusion model needs a mask token and config.json has no 'mask_token_id'; pass "
-                "mask_token_id (--mask-token-id N); Dream-v0 uses 151666, LLaDA-8B 126336, DiffuLLaMA 811")
-        fields |= dict(attention="bidirectional", logit_shift=kind != "llada", mask_token_id=mask)
-    else:
-        fields |= dict(attention="causal", logit_shift=True, mask_token_id=None)
     if is_causal is not None and is_causal != (fields["attention"] == "causal"):
         reader.problems.append(
             f"field 'is_causal' = {is_causal!r} contradicts the {fields['attention']} attention of this "
@@ -210,4 +203,4 @@ def config_from_hf(
         config = ModelConfig(**fields)
     except ConfigError as error:
         raise ConversionError(f"cannot convert {source}: {error}") from error
-    return config, tables.LLADA if kind == "llada" else tables.HUGGING_FACE
+    return config, tables.LLADA if family == "llada" else tables.HUGGING_FACE

@@ -32,6 +32,7 @@ _DTYPES = {
     "BOOL": np.dtype(np.bool_),
 }
 INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,19 +60,25 @@ def _read_header(path: Path, problems: list[str]) -> dict[str, _TensorLocation]:
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
             problems.append(f"{path.name}: unreadable header ({error})")
             return {}
+    if not isinstance(header, dict):
+        problems.append(f"{path.name}: the header is not a JSON object")
+        return {}
     header.pop("__metadata__", None)
     data_start, data_size = 8 + header_size, size - 8 - header_size
     tensors = {}
     for name, info in header.items():
-        dtype = _DTYPES.get(info.get("dtype"))
-        if dtype is None:
-            problems.append(f"{path.name}: tensor {name} has unsupported dtype {info.get('dtype')!r}")
+        try:
+            dtype_name, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+        except (TypeError, KeyError, ValueError):
+            problems.append(f"{path.name}: tensor {name} has a malformed header entry {info!r}")
             continue
-        shape = tuple(info["shape"])
-        begin, end = info["data_offsets"]
+        dtype = _DTYPES.get(dtype_name)
+        if dtype is None:
+            problems.append(f"{path.name}: tensor {name} has unsupported dtype {dtype_name!r}")
+            continue
         if end - begin != math.prod(shape) * dtype.itemsize:
             problems.append(f"{path.name}: tensor {name} spans {end - begin} bytes but its shape {shape} "
-                            f"and dtype {info['dtype']} need {math.prod(shape) * dtype.itemsize}")
+                            f"and dtype {dtype_name} need {math.prod(shape) * dtype.itemsize}")
             continue
         if end > data_size:
             problems.append(
@@ -89,9 +96,17 @@ class SafetensorsCheckpoint:
         directory = Path(directory)
         problems: list[str] = []
         index_path = directory / INDEX_FILE
+        if index_path.exists() and (directory / SINGLE_FILE).exists():
+            raise ConversionError(
+                f"{directory} holds both {SINGLE_FILE} and {INDEX_FILE}; it is unclear which weights are meant "
+                f"(transformers would load {SINGLE_FILE}); remove one")
         if index_path.exists():
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
+            try:
+                weight_map = json.loads(index_path.read_text())["weight_map"]
+                files = sorted(set(weight_map.values()))
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
+                raise ConversionError(f"{index_path}: not a valid safetensors index ({error!r}); it needs a "
+                                      f"'weight_map' from tensor names to shard files") from error
         else:
             weight_map = None
             files = sorted(path.name for path in directory.glob("*.safetensors"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import jax.numpy as jnp
 import ml_dtypes
@@ -12,8 +13,9 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import DELETE, run, save_hf, tiny_torch_model, torch_logits
-from conversion import ConversionError, convert
-from conversion.hf_configs import DIFFULLAMA_MASK_TOKEN_ID
+from conversion import ConversionError, config_from_hf, convert
+from conversion.conventions import DIFFULLAMA_MASK_TOKEN_ID
+from mdm_circuits.presets import PRESETS
 
 TOKENS = np.array([[5, 17, 33, 2, 90, 41, 8, 64, 12, 3]])
 
@@ -43,6 +45,8 @@ def _llada_checkpoint(torch_model, directory, **config_changes):
                "post_attention_layernorm": "ff_norm"}
     tensors = {}
     for name, tensor in torch_model.state_dict().items():
+        if name == "lm_head.weight" and torch_model.config.tie_word_embeddings:
+            continue  # a tied LLaDA has no output matrix of its own
         for old, new in renames.items():
             name = name.replace(old, new)
         tensors[name] = tensor.contiguous()
@@ -237,3 +241,79 @@ def test_bfloat16_reader_is_exact(tmp_path):
     read = SafetensorsCheckpoint(tmp_path)["x"]
     assert read.dtype == ml_dtypes.bfloat16
     np.testing.assert_array_equal(np.asarray(read, np.float32), values.float().numpy())
+
+
+# ---- the study's real configurations ----
+
+CONFIGS = Path(__file__).parent / "data" / "configs"
+
+
+@pytest.mark.parametrize("file, mdm, preset", [
+    ("qwen2.5-7b.json", None, "qwen2.5-7b"), ("dream-v0-base-7b.json", None, "dream-v0-base-7b"),
+    ("llama-2-7b.json", None, "llama-2-7b"), ("llama-2-7b.json", True, "diffullama-7b"),
+    ("llada-8b-base.json", None, "llada-8b"),
+])
+def test_released_configs_read_as_the_presets(file, mdm, preset):
+    config, _ = config_from_hf(json.loads((CONFIGS / file).read_text()), mdm=mdm)
+    assert config == PRESETS[preset]
+
+
+def test_arm_given_a_mask_token_is_refused(tmp_path):
+    directory = _qwen2_directory(tmp_path)
+    with pytest.raises(ConversionError, match="mask token was given for an autoregressive model.*--mdm"):
+        convert(directory, mask_token_id=3)
+
+
+def test_dream_refuses_to_be_read_as_an_arm(tmp_path):
+    directory = save_hf(tiny_torch_model("qwen2", 2), tmp_path, model_type="Dream", mask_token_id=7)
+    with pytest.raises(ConversionError, match="is a masked diffusion model; do not pass mdm=False"):
+        convert(directory, mdm=False)
+
+
+def test_is_causal_contradiction(tmp_path):
+    directory = save_hf(tiny_torch_model("llama", 2), tmp_path, is_causal=False)
+    with pytest.raises(ConversionError, match="'is_causal' = False contradicts the causal attention"):
+        convert(directory)
+    assert convert(directory, mdm=True, mask_token_id=5).model.config.attention == "bidirectional"
+
+
+def test_rope_theta_and_rope_parameters_must_agree(tmp_path):
+    directory = save_hf(tiny_torch_model("llama", 2), tmp_path, rope_theta=10_000.0)
+    with pytest.raises(ConversionError, match="'rope_theta' = 10000.0 and 'rope_parameters'.*disagree"):
+        convert(directory)
+
+
+def test_tied_checkpoint(tmp_path):
+    torch_model = tiny_torch_model("llama", 2, tie_word_embeddings=True)
+    model = convert(save_hf(torch_model, tmp_path)).model
+    assert model.config.tie_embeddings and model.unembedding is None
+    _assert_matches(model, torch_model, bidirectional=False)
+
+
+def test_llada_with_tied_weights_and_qkv_biases(tmp_path):
+    """LLaDA's `weight_tying` and `include_qkv_bias` switches, on Qwen2 weights (which have q/k/v biases)."""
+    torch_model = tiny_torch_model("qwen2", 2, tie_word_embeddings=True)
+    directory = _llada_checkpoint(torch_model, tmp_path, weight_tying=True, include_qkv_bias=True)
+    model = convert(directory).model
+    assert model.config.qkv_bias and model.config.tie_embeddings
+    _assert_matches(model, torch_model, bidirectional=True)
+
+
+def test_both_single_file_and_index_are_refused(tmp_path):
+    directory = _qwen2_directory(tmp_path)
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {}}))
+    with pytest.raises(ConversionError, match="holds both model.safetensors and model.safetensors.index.json"):
+        convert(directory)
+
+
+def test_malformed_index_is_named(tmp_path):
+    tiny_torch_model("qwen2", 2).save_pretrained(tmp_path, max_shard_size="40KB")
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(ConversionError, match="not a valid safetensors index"):
+        convert(tmp_path)
+
+
+def test_null_config_value_is_refused_clearly(tmp_path):
+    directory = save_hf(tiny_torch_model("llama", 2), tmp_path, rms_norm_eps=None)
+    with pytest.raises(ConversionError, match="norm_eps must be a positive number, got None"):
+        convert(directory)

@@ -24,7 +24,8 @@ def llama_cpp_permute(weights: np.ndarray, n_heads: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(weights.shape))
 
 
-def write_gguf(torch_model, path, architecture: str, quantization=gguf.GGMLQuantizationType.F32):
+def write_gguf(torch_model, path, architecture: str, quantization=gguf.GGMLQuantizationType.F32,
+               extra_metadata=lambda writer: None):
     """Write `torch_model` as a GGUF file; quantized 2-D weights are written back into the torch model
     dequantized, so both sides compute with the same numbers (as transformers does for real GGUF files)."""
     config = torch_model.config
@@ -38,6 +39,7 @@ def write_gguf(torch_model, path, architecture: str, quantization=gguf.GGMLQuant
     writer.add_head_count_kv(n_kv)
     writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    extra_metadata(writer)
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
              "lm_head.weight": "output.weight"}
     per_layer = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
@@ -92,11 +94,18 @@ def test_qwen2_gguf_is_not_unpermuted(tmp_path):
 
 
 def test_gguf_as_mdm_needs_a_mask_token(tmp_path):
-    path = write_gguf(tiny_torch_model("llama", 2, **SHAPE), tmp_path / "tiny.gguf", "llama")
-    with pytest.raises(ConversionError, match="no mask token"):
+    path = write_gguf(tiny_torch_model("qwen2", 2, **SHAPE), tmp_path / "tiny.gguf", "qwen2")
+    with pytest.raises(ConversionError, match="needs a mask token"):
         convert(path, mdm=True)
     config = convert(path, mdm=True, mask_token_id=3).model.config
     assert config.attention == "bidirectional" and config.mask_token_id == 3
+
+
+def test_gguf_with_rope_scaling_is_refused(tmp_path):
+    path = write_gguf(tiny_torch_model("llama", 2, **SHAPE), tmp_path / "tiny.gguf", "llama",
+                      extra_metadata=lambda writer: writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR))
+    with pytest.raises(ConversionError, match="rope.scaling.type = 'linear' is not supported"):
+        convert(path)
 
 
 def test_truncated_gguf(tmp_path):
