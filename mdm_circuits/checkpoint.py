@@ -34,7 +34,8 @@ def save(directory: str | Path, model: Transformer, tokenizer: tokenizers.Tokeni
     """Save `model` (and `tokenizer`) to `directory`, replacing any model saved there before."""
     directory = Path(directory).absolute()  # orbax requires absolute paths
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / MANIFEST).unlink(missing_ok=True)
+    for earlier in (MANIFEST, TOKENIZER):  # nothing of an earlier save may outlive this one
+        (directory / earlier).unlink(missing_ok=True)
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(directory / PARAMS, nnx.to_pure_dict(nnx.state(model)), force=True)
         checkpointer.wait_until_finished()

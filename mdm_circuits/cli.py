@@ -65,9 +65,14 @@ def _predict(args: argparse.Namespace) -> None:
     config = model.config
     if args.attention is not None:
         config = config.replace(attention=args.attention)
+    mask_answer = config.is_mdm if args.mask_answer is None else args.mask_answer
+    if not mask_answer and (args.mask_token is not None or args.mask_token_id is not None):
+        raise SystemExit("error: a mask token was given but the answer is not masked; add --mask-answer")
     tokens = tokenizer.encode(args.prompt).ids
+    if not tokens:
+        raise SystemExit("error: the prompt is empty")
     answer_position = len(tokens)
-    if args.mask_answer:
+    if mask_answer:
         config = config.replace(mask_token_id=_mask_token_id(args, config, tokenizer))
         tokens = tokens + [config.mask_token_id]
     elif not config.logit_shift:
@@ -78,10 +83,10 @@ def _predict(args: argparse.Namespace) -> None:
     logits = jax.jit(lambda m, t: m(t))(model, jnp.asarray(tokens))
     read_at = config.read_position(answer_position)
     probabilities = np.asarray(jax.nn.softmax(logits[read_at]))
-    shown = " ".join(tokenizer.id_to_token(t) for t in tokens)
-    print(f"input ({len(tokens)} tokens): {shown}")
+    print(f"input ({len(tokens)} tokens): " + "|".join(tokenizer.decode([t], skip_special_tokens=False)
+                                                       for t in tokens))
     print(f"top {args.top} predictions for position {answer_position}"
-          f"{' (masked)' if args.mask_answer else ''}, read from the logits at position {read_at}:")
+          f"{' (masked)' if mask_answer else ''}, read from the logits at position {read_at}:")
     for rank, token in enumerate(np.argsort(-probabilities)[: args.top], start=1):
         print(f"  {rank}. {tokenizer.decode([int(token)])!r:>16}  p={probabilities[token]:.4f}  "
               f"logit={float(logits[read_at, token]):.3f}")
@@ -91,7 +96,7 @@ def _plan(args: argparse.Namespace) -> None:
     if args.model in PRESETS:
         config = PRESETS[args.model]
     else:
-        config = _config_from_path(Path(args.model))
+        config = _config_from_path(Path(args.model), args.ignore_config_field)
     dtype = jnp.dtype(args.dtype)
     print(f"compiling a {args.mode} pass of batch {args.batch} x {args.seq_len} tokens, {dtype.name} "
           f"parameters, without allocating them ...", flush=True)
@@ -109,13 +114,14 @@ def _plan(args: argparse.Namespace) -> None:
               "the target machine for its own figure.")
 
 
-def _config_from_path(path: Path) -> ModelConfig:
+def _config_from_path(path: Path, ignore_fields: list[str]) -> ModelConfig:
     if (path / checkpoint.MANIFEST).exists():
         return checkpoint.read_manifest(path)[0]
     config_file = path / "config.json" if path.is_dir() else path
     if not config_file.exists():
         raise SystemExit(f"error: {path} is neither a preset, a saved model nor a Hugging Face config.json")
-    return config_from_hf(json.loads(config_file.read_text()), source=str(config_file))[0]
+    return config_from_hf(json.loads(config_file.read_text()), source=str(config_file),
+                          ignore_fields=tuple(ignore_fields))[0]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,8 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--top", type=int, default=5)
     predict.add_argument("--attention", choices=["causal", "bidirectional"],
                          help="override the model's attention (e.g. query an ARM bidirectionally)")
-    predict.add_argument("--mask-answer", action="store_true",
-                         help="append a mask token at the answer position (the MDM view)")
+    predict.add_argument("--mask-answer", action=argparse.BooleanOptionalAction, default=None,
+                         help="append a mask token at the answer position (the MDM view); "
+                              "the default for models with a mask token")
     predict.add_argument("--mask-token-id", type=int, help="mask token id, if the model has none")
     predict.add_argument("--mask-token", help="mask token given as text, e.g. '<|endoftext|>'")
     predict.set_defaults(run=_predict)
@@ -153,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     plan.add_argument("--mode", default="forward", choices=["forward", "gradient"],
                       help="gradient: forward + backward to the input embeddings, as attribution runs")
+    plan.add_argument("--ignore-config-field", action="append", default=[], metavar="FIELD",
+                      help="a config.json field you know does not change the computation (repeatable)")
     plan.set_defaults(run=_plan)
     return parser
 

@@ -43,6 +43,16 @@ def test_tokenizer_travels_with_the_model(tmp_path):
     assert checkpoint.load_tokenizer(tmp_path).get_vocab() == tokenizer.get_vocab()
 
 
+def test_saving_without_a_tokenizer_removes_an_earlier_one(tmp_path):
+    import tokenizers
+    from tokenizers import models
+
+    model = Transformer(CONFIG, rngs=nnx.Rngs(0))
+    checkpoint.save(tmp_path, model, tokenizers.Tokenizer(models.WordLevel({"a": 0}, unk_token="a")))
+    checkpoint.save(tmp_path, model)
+    assert checkpoint.load_tokenizer(tmp_path) is None
+
+
 def test_directory_without_a_model(tmp_path):
     with pytest.raises(CheckpointError, match="does not hold a saved mdm_circuits model"):
         checkpoint.load(tmp_path)

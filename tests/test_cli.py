@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -48,6 +49,16 @@ def test_plan_from_config_json(llama_dir, capsys):
     assert "peak estimate" in output and "parameters:" in output
 
 
+def test_plan_passes_ignored_config_fields(tmp_path, capsys):
+    config = json.loads((Path(__file__).parent / "data" / "configs" / "llama-2-7b.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config | {"rope_dtype": "fp8"}))
+    with pytest.raises(SystemExit):
+        main(["plan", str(tmp_path), "--batch", "1", "--seq-len", "8"])
+    assert "'rope_dtype'" in capsys.readouterr().err
+    main(["plan", str(tmp_path), "--batch", "1", "--seq-len", "8", "--ignore-config-field", "rope_dtype"])
+    assert "6,738,415,616" in capsys.readouterr().out
+
+
 def test_bad_source_exits_with_the_error(tmp_path, capsys):
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "t5"}))
@@ -55,3 +66,19 @@ def test_bad_source_exits_with_the_error(tmp_path, capsys):
         main(["convert", str(tmp_path / "hf"), str(tmp_path / "out")])
     assert exit_info.value.code == 2
     assert "unknown model_type 't5'" in capsys.readouterr().err
+
+
+def test_an_mdm_is_queried_with_a_masked_answer_by_default(llama_dir, tmp_path, capsys):
+    main(["convert", str(llama_dir), str(tmp_path / "mdm"), "--mdm", "--mask-token-id", "95"])
+    main(["predict", str(tmp_path / "mdm"), "w1 w2"])
+    assert "predictions for position 2 (masked)" in capsys.readouterr().out
+    main(["predict", str(tmp_path / "mdm"), "w1 w2", "--no-mask-answer"])
+    assert "(masked)" not in capsys.readouterr().out
+
+
+def test_predict_refuses_contradictory_or_empty_input(llama_dir, tmp_path):
+    main(["convert", str(llama_dir), str(tmp_path / "arm")])
+    with pytest.raises(SystemExit, match="answer is not masked"):
+        main(["predict", str(tmp_path / "arm"), "w1 w2", "--mask-token-id", "3"])
+    with pytest.raises(SystemExit, match="prompt is empty"):
+        main(["predict", str(tmp_path / "arm"), ""])
