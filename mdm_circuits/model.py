@@ -139,9 +139,9 @@ def head_outputs(
     positions: Int[Array, " T"] | None = None,
 ) -> Float[Array, "L T H D"]:
     """What each head of each layer writes to the residual stream (z W_O, no output bias)."""
-    model = nnx.merge(graphdef, state)
-    head_z = model.trace(model.embed(tokens), valid=valid, positions=positions).head_z
-    return jnp.stack([block.attn.head_outputs(z) for block, z in zip(model.blocks, head_z)])
+    head_z = activations(graphdef, state, tokens, valid, positions).head_z
+    blocks = nnx.merge(graphdef, state).blocks
+    return jnp.stack([block.attn.head_outputs(z) for block, z in zip(blocks, head_z)])
 
 
 def abstract_model(config: ModelConfig, dtype: jnp.dtype = jnp.float32) -> Transformer:
