@@ -19,16 +19,22 @@ from mdm_circuits.config import ModelConfig
 weight_init = nnx.initializers.normal(stddev=0.02)
 
 
+def accumulation_dtype(dtype: jnp.dtype) -> jnp.dtype:
+    """float32 for bfloat16/float16/float32 computations, float64 for float64 ones (used by exact tests)."""
+    return jnp.dtype(jnp.float64) if jnp.dtype(dtype) == jnp.float64 else jnp.dtype(jnp.float32)
+
+
 class RMSNorm(nnx.Module):
-    """Root-mean-square norm; statistics in float32, then scaled in the parameter dtype (as Llama/Qwen2)."""
+    """Root-mean-square norm; statistics in (at least) float32, then scaled in the parameter dtype (as
+    Llama/Qwen2)."""
 
     def __init__(self, dim: int, eps: float, *, dtype: jnp.dtype):
         self.scale = nnx.Param(jnp.ones((dim,), dtype))
         self.eps = eps
 
     def __call__(self, x: Float[Array, "T D"]) -> Float[Array, "T D"]:
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        wide = x.astype(accumulation_dtype(x.dtype))
+        normed = wide * jax.lax.rsqrt(jnp.mean(jnp.square(wide), axis=-1, keepdims=True) + self.eps)
         return self.scale[...][None, :] * normed.astype(x.dtype)
 
 
@@ -81,9 +87,62 @@ class Attention(nnx.Module):
         self.heads_per_kv = config.heads_per_kv
         self.rope_in_float32 = config.rope_in_float32
 
-    def _project(self, x: Float[Array, "T D"], weight: nnx.Param, bias: nnx.Param | None):
-        out = jnp.einsum("td,dne->tne", x, weight[...])
-        return out if bias is None else out + bias[...][None]
+    def project(
+        self, x: Float[Array, "T D"]
+    ) -> tuple[Float[Array, "T H E"], Float[Array, "T K E"], Float[Array, "T K E"]]:
+        """Queries, keys and values (with biases, before RoPE) from one input shared by every head."""
+        def project(weight, bias):
+            out = jnp.einsum("td,dne->tne", x, weight[...])
+            return out if bias is None else out + bias[...][None]
+
+        return project(self.w_q, self.b_q), project(self.w_k, self.b_k), project(self.w_v, self.b_v)
+
+    def project_per_head(
+        self, x_q: Float[Array, "H T D"], x_k: Float[Array, "H T D"], x_v: Float[Array, "H T D"]
+    ) -> tuple[Float[Array, "T H E"], Float[Array, "T H E"], Float[Array, "T H E"]]:
+        """Queries, keys and values when every query head reads its own copy of each input (the EAP-IG
+        graph's q/k/v edges); keys and values then exist once per query head."""
+        def project(x, weight, bias):
+            weight, bias = weight[...], None if bias is None else bias[...]
+            if weight.shape[1] != x.shape[0]:  # a key/value weight, shared by a group of query heads
+                weight, bias = self.expand_kv(weight, 1), None if bias is None else self.expand_kv(bias, 0)
+            out = jnp.einsum("htd,dhe->the", x, weight)
+            return out if bias is None else out + bias[None]
+
+        return project(x_q, self.w_q, self.b_q), project(x_k, self.w_k, self.b_k), project(x_v, self.w_v, self.b_v)
+
+    def expand_kv(self, x: Array, axis: int = 1) -> Array:
+        """Repeat key/value heads along `axis` so that query head h finds its key/value head h // G."""
+        return jnp.repeat(x, self.heads_per_kv, axis=axis)
+
+    def attend(
+        self,
+        q: Float[Array, "T H E"],
+        k: Float[Array, "S N E"],
+        v: Float[Array, "S N E"],
+        *,
+        mask: Bool[Array, "T S"],
+        rope: tuple[Float[Array, "T E/2"], Float[Array, "T E/2"]],
+    ) -> Float[Array, "T H E"]:
+        """Each query head's attention-weighted values z. Keys and values come grouped (N = K heads) or
+        one per query head (N = H); either way the computation keeps query heads grouped by key head."""
+        q = apply_rotary(q, rope, self.rope_in_float32)
+        k = apply_rotary(k, rope, self.rope_in_float32)
+        t, h, e = q.shape
+        q = q.reshape(t, self.n_kv_heads, self.heads_per_kv, e)
+        if k.shape[1] == h and self.heads_per_kv > 1:
+            k = k.reshape(k.shape[0], self.n_kv_heads, self.heads_per_kv, e)
+            v = v.reshape(v.shape[0], self.n_kv_heads, self.heads_per_kv, e)
+            scores = jnp.einsum("tkge,skge->kgts", q, k, preferred_element_type=accumulation_dtype(q.dtype))
+        else:
+            scores = jnp.einsum("tkge,ske->kgts", q, k, preferred_element_type=accumulation_dtype(q.dtype))
+        scores = jnp.where(mask[None, None], scores * e**-0.5, jnp.finfo(scores.dtype).min)
+        pattern = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        if v.ndim == 4:
+            z = jnp.einsum("kgts,skge->tkge", pattern, v)
+        else:
+            z = jnp.einsum("kgts,ske->tkge", pattern, v)
+        return z.reshape(t, h, e)
 
     def heads(
         self,
@@ -93,16 +152,7 @@ class Attention(nnx.Module):
         rope: tuple[Float[Array, "T E/2"], Float[Array, "T E/2"]],
     ) -> Float[Array, "T H E"]:
         """Each query head's attention-weighted values z (before the output projection)."""
-        q = apply_rotary(self._project(x, self.w_q, self.b_q), rope, self.rope_in_float32)
-        k = apply_rotary(self._project(x, self.w_k, self.b_k), rope, self.rope_in_float32)
-        v = self._project(x, self.w_v, self.b_v)
-        t, _, e = q.shape
-        q = q.reshape(t, self.n_kv_heads, self.heads_per_kv, e)
-        scores = jnp.einsum("tkge,ske->kgts", q, k, preferred_element_type=jnp.float32)
-        scores = jnp.where(mask[None, None], scores * e**-0.5, jnp.finfo(jnp.float32).min)
-        pattern = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        z = jnp.einsum("kgts,ske->tkge", pattern, v)
-        return z.reshape(t, self.n_kv_heads * self.heads_per_kv, e)
+        return self.attend(*self.project(x), mask=mask, rope=rope)
 
     def output(self, z: Float[Array, "T H E"]) -> Float[Array, "T D"]:
         return jnp.einsum("the,hed->td", z, self.w_o[...])

@@ -22,7 +22,7 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from mdm_circuits.config import ConfigError, ModelConfig
-from mdm_circuits.layers import Block, RMSNorm, weight_init, rotary_tables
+from mdm_circuits.layers import Block, RMSNorm, accumulation_dtype, rotary_tables, weight_init
 
 
 class Activations(NamedTuple):
@@ -84,11 +84,12 @@ class Transformer(nnx.Module):
         return Activations(jnp.stack(residual), jnp.stack(head_z), jnp.stack(mlp_out))
 
     def unembed(self, residual: Float[Array, "T D"]) -> Float[Array, "T V"]:
-        """Final norm and unembedding; logits are float32 whatever the parameter dtype."""
+        """Final norm and unembedding; logits are float32 for bfloat16 or float32 parameters."""
         normed = self.final_norm(residual)
+        wide = accumulation_dtype(normed.dtype)
         if self.unembedding is None:
-            return jnp.einsum("td,vd->tv", normed, self.embedding[...], preferred_element_type=jnp.float32)
-        return jnp.einsum("td,dv->tv", normed, self.unembedding[...], preferred_element_type=jnp.float32)
+            return jnp.einsum("td,vd->tv", normed, self.embedding[...], preferred_element_type=wide)
+        return jnp.einsum("td,dv->tv", normed, self.unembedding[...], preferred_element_type=wide)
 
     def from_embeddings(self, embeddings: Float[Array, "T D"], *, valid=None, positions=None) -> Float[Array, "T V"]:
         return self.unembed(self.trace(embeddings, valid=valid, positions=positions).residual[-1])

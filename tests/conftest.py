@@ -81,3 +81,41 @@ def smollm2():
     from conversion import convert
 
     return convert("smollm2-135m-instruct")
+
+
+def random_model(config, seed: int = 0, scale: float = 0.35, dtype=jnp.float32):
+    """A `Transformer` whose weights are large enough for the model to be far from linear (the default
+    initialisation, std 0.02, makes every attribution method look exact)."""
+    from flax import nnx
+
+    from mdm_circuits.model import Transformer
+
+    model = Transformer(config, rngs=nnx.Rngs(seed), dtype=dtype)
+    graphdef, state = nnx.split(model)
+    keys = iter(jax.random.split(jax.random.key(seed + 1), len(jax.tree.leaves(state))))
+
+    def redraw(path, leaf):
+        key = next(keys)
+        if path[-2].key == "scale":  # norm weights
+            return (1 + 0.2 * jax.random.normal(key, leaf.shape)).astype(dtype)
+        return (scale * jax.random.normal(key, leaf.shape)).astype(dtype)
+
+    return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(redraw, state))
+
+
+def random_examples(config, n: int, seed: int = 0, min_length: int = 5, max_length: int = 9,
+                    changed: int = 2):
+    """Clean/corrupted pairs of random tokens differing at `changed` positions, answered at their end."""
+    from mdm_circuits.batch import Example
+
+    rng = np.random.default_rng(seed)
+    examples = []
+    for _ in range(n):
+        length = int(rng.integers(min_length, max_length + 1))
+        clean = rng.integers(0, config.vocab_size, length)
+        corrupted = clean.copy()
+        for position in rng.choice(length, changed, replace=False):
+            corrupted[position] = (clean[position] + rng.integers(1, config.vocab_size)) % config.vocab_size
+        correct, incorrect = rng.choice(config.vocab_size, 2, replace=False)
+        examples.append(Example(clean.tolist(), corrupted.tolist(), [length], [[int(correct)]], [[int(incorrect)]]))
+    return examples

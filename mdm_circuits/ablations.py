@@ -1,0 +1,63 @@
+"""What an ablated node outputs instead: the corrupted run's output, zero, a dataset mean (over examples and
+positions, or per position), or another example's clean output."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax.numpy as jnp
+from flax import struct
+from jaxtyping import Array, Float
+
+from mdm_circuits.batch import Batch
+
+AblationKind = Literal["corrupted", "zero", "mean", "mean_positional", "resample"]
+
+
+@struct.dataclass
+class Ablation:
+    """How ablated nodes are replaced.
+
+    kind: "corrupted" (the corrupted run, i.e. patching; the default), "zero", "mean" (each node's mean
+      output over the examples and real positions of `fit`), "mean_positional" (its mean at each position),
+      or "resample" (the clean output of another example of the same batch: example i takes example
+      i − s's, with s = 1 + seed mod (batch size − 1)).
+    """
+
+    kind: AblationKind = struct.field(pytree_node=False, default="corrupted")
+    seed: int = struct.field(pytree_node=False, default=0)
+    mean: Float[Array, "N T D"] | None = None
+
+    def needs_fit(self) -> bool:
+        return self.kind in ("mean", "mean_positional") and self.mean is None
+
+    def fit(self, sums: Float[Array, "N T D"], counts: Float[Array, " T"]) -> Ablation:
+        """Fix the means from per-position sums of clean node outputs over a dataset and their counts."""
+        if self.kind == "mean":
+            mean = sums.sum(1, keepdims=True) / jnp.maximum(counts.sum(), 1).astype(sums.dtype)
+            mean = jnp.broadcast_to(mean, sums.shape)
+        else:
+            mean = sums / jnp.maximum(counts, 1).astype(sums.dtype)[None, :, None]
+        return self.replace(mean=mean)
+
+    def sources(self, clean: Float[Array, "B N T D"], corrupted: Float[Array, "B N T D"] | None,
+                batch: Batch) -> Float[Array, "B N T D"]:
+        """The ablation value of every node for every example of `batch`."""
+        match self.kind:
+            case "corrupted":
+                return corrupted
+            case "zero":
+                return jnp.zeros_like(clean)
+            case "mean" | "mean_positional":
+                if self.mean is None:
+                    raise ValueError(f"{self.kind} ablation needs its means; call fit (attribute does)")
+                length = clean.shape[2]
+                if self.mean.shape[1] < length:
+                    raise ValueError(f"means were fitted on {self.mean.shape[1]} positions, the batch has {length}")
+                return jnp.broadcast_to(self.mean[None, :, :length].astype(clean.dtype), clean.shape)
+            case "resample":
+                if batch.size < 2:
+                    raise ValueError("resample ablation needs at least two examples in a batch")
+                shift = 1 + self.seed % (batch.size - 1)  # never an example's own output
+                return jnp.roll(clean, shift, axis=0)
+        raise ValueError(f"unknown ablation kind {self.kind!r}")

@@ -1,0 +1,131 @@
+"""Clean/corrupted example pairs, and batches of them as arrays.
+
+An example is a clean token sequence, a corrupted one of the same length, the positions of its answer
+tokens and, at each answer position, the candidate tokens that count as correct and as incorrect (one
+each for IOI; a set for Greater-Than; one per answer token for a multi-token answer). The metric reads the
+logits at `config.read_position(p)` for each answer position p: p − 1 for shifted models (ARMs, Dream,
+DiffuLLaMA), p for LLaDA.
+
+Axis letters: B examples, T positions, A answer positions, C candidates per answer position.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from jaxtyping import Array, Bool, Int
+
+from mdm_circuits.config import ModelConfig
+
+
+class BatchError(ValueError):
+    """Examples that cannot be compared or scored as given."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    clean: Sequence[int]
+    corrupted: Sequence[int]
+    answer_positions: Sequence[int]
+    correct: Sequence[Sequence[int]]
+    incorrect: Sequence[Sequence[int]]
+
+
+@struct.dataclass
+class Batch:
+    clean: Int[Array, "B T"]
+    corrupted: Int[Array, "B T"]
+    valid: Bool[Array, "B T"]
+    answer_positions: Int[Array, "B A"]
+    answer_mask: Bool[Array, "B A"]
+    correct: Int[Array, "B A C"]
+    correct_mask: Bool[Array, "B A C"]
+    incorrect: Int[Array, "B A C"]
+    incorrect_mask: Bool[Array, "B A C"]
+
+    @property
+    def size(self) -> int:
+        return self.clean.shape[0]
+
+    def __getitem__(self, index) -> Batch:
+        """Rows of the batch; an integer index gives one example (arrays without the batch axis)."""
+        if isinstance(index, int) and not -self.size <= index < self.size:
+            raise IndexError(f"example {index} of a batch of {self.size}")
+        return jax.tree.map(lambda array: array[index], self)
+
+    def __iter__(self):
+        return (self[i] for i in range(self.size))
+
+    def read_positions(self, config: ModelConfig) -> Int[Array, "B A"]:
+        """Where the logits predicting each answer token are read (padded slots read position 0)."""
+        positions = self.answer_positions - (1 if config.logit_shift else 0)
+        return jnp.where(self.answer_mask, positions, 0)
+
+    def check(self, config: ModelConfig) -> None:
+        """Raise if any example's answer is read outside its own tokens or a token is outside the vocabulary."""
+        positions = np.asarray(self.answer_positions) - (1 if config.logit_shift else 0)
+        lengths = np.asarray(self.valid).sum(axis=1)
+        bad = np.asarray(self.answer_mask) & ((positions < 0) | (positions >= lengths[:, None]))
+        if bad.any():
+            row = int(np.nonzero(bad.any(axis=1))[0][0])
+            raise BatchError(
+                f"example {row}: an answer at position {int(np.asarray(self.answer_positions)[bad][0])} is read "
+                f"from the logits at position {int(positions[bad][0])}, outside its {int(lengths[row])} tokens "
+                f"(logit_shift={config.logit_shift}); an ARM needs the tokens before the answer, an MDM the "
+                f"masked answer position itself")
+        for name in ("clean", "corrupted", "correct", "incorrect"):
+            tokens = np.asarray(getattr(self, name))
+            if tokens.min() < 0 or tokens.max() >= config.vocab_size:
+                raise BatchError(f"{name} tokens outside the vocabulary [0, {config.vocab_size})")
+
+
+def collate(examples: Sequence[Example], pad_id: int = 0) -> Batch:
+    """Pad examples (right padding) into one batch, checking that each clean/corrupted pair aligns."""
+    if not examples:
+        raise BatchError("no examples")
+    for i, example in enumerate(examples):
+        if len(example.clean) != len(example.corrupted):
+            raise BatchError(
+                f"example {i}: clean has {len(example.clean)} tokens, corrupted {len(example.corrupted)}; "
+                f"attribution compares the two position by position, so they must have the same length")
+        if not (len(example.answer_positions) == len(example.correct) == len(example.incorrect)) or not len(
+                example.answer_positions):
+            raise BatchError(f"example {i}: needs one or more answer positions, each with correct and "
+                             f"incorrect candidates ({len(example.answer_positions)} positions, "
+                             f"{len(example.correct)} correct, {len(example.incorrect)} incorrect)")
+        if any(not candidates for candidates in (*example.correct, *example.incorrect)):
+            raise BatchError(f"example {i}: an answer position has no candidate tokens")
+    length = max(len(example.clean) for example in examples)
+    n_answers = max(len(example.answer_positions) for example in examples)
+    n_candidates = max(len(c) for example in examples for c in (*example.correct, *example.incorrect))
+
+    def padded(rows, width):
+        return np.array([list(row) + [pad_id] * (width - len(row)) for row in rows], dtype=np.int32)
+
+    def mask(lengths, width):
+        return np.arange(width)[None, :] < np.array(lengths)[:, None]
+
+    def candidates(field):
+        tokens = np.zeros((len(examples), n_answers, n_candidates), np.int32)
+        present = np.zeros((len(examples), n_answers, n_candidates), bool)
+        for i, example in enumerate(examples):
+            for a, options in enumerate(getattr(example, field)):
+                tokens[i, a, : len(options)] = options
+                present[i, a, : len(options)] = True
+        return jnp.asarray(tokens), jnp.asarray(present)
+
+    correct, correct_mask = candidates("correct")
+    incorrect, incorrect_mask = candidates("incorrect")
+    return Batch(
+        clean=jnp.asarray(padded([e.clean for e in examples], length)),
+        corrupted=jnp.asarray(padded([e.corrupted for e in examples], length)),
+        valid=jnp.asarray(mask([len(e.clean) for e in examples], length)),
+        answer_positions=jnp.asarray(padded([e.answer_positions for e in examples], n_answers)),
+        answer_mask=jnp.asarray(mask([len(e.answer_positions) for e in examples], n_answers)),
+        correct=correct, correct_mask=correct_mask, incorrect=incorrect, incorrect_mask=incorrect_mask,
+    )

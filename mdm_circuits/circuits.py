@@ -1,0 +1,212 @@
+"""Circuits: sets of edges chosen from scores, and what they recover of the task.
+
+A circuit is a boolean matrix `[n_sources, n_destinations]` over the graph's edges. Evaluating it runs the
+model with every edge outside it fed its source's ablation value (the corrupted run's by default):
+destination v reads Σ_u c_uv · out_u(this run) + (1 − c_uv) · ablation_u. Then
+
+    faithfulness = (M(circuit) − M(ablated)) / (M(clean) − M(ablated)),
+
+with M the task metric averaged over examples, M(clean) the full graph and M(ablated) the empty one. Many
+circuits (a whole curve over K) are evaluated by one vmapped program.
+
+Pruning (`prune`, optional everywhere) drops dangling edges: those whose source cannot be reached from
+the input, or whose destination cannot reach the logits, through edges of the circuit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import heapq
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mdm_circuits.ablations import Ablation
+from mdm_circuits.batch import Batch
+from mdm_circuits.graph import Graph, NodeKind
+from mdm_circuits.interventions import EdgeWeights, Interventions, run
+from mdm_circuits.metrics import Metric
+from mdm_circuits.model import Transformer
+from mdm_circuits.scoring import Progress, Scores, batches_of, check_metric, fit_ablation, plain_runs, read_logits
+
+
+class CircuitError(ValueError):
+    """A circuit request that cannot be met (K out of range, undefined faithfulness...)."""
+
+
+def _ranking(graph: Graph, scores: np.ndarray, absolute: bool) -> np.ndarray:
+    values = graph.edge_vector(scores)
+    return np.argsort(-(np.abs(values) if absolute else values), kind="stable")
+
+
+def _check_k(graph: Graph, k: int) -> None:
+    if not 0 <= k <= graph.n_edges:
+        raise CircuitError(f"K = {k} is outside [0, {graph.n_edges}], the number of edges of this graph")
+
+
+def top_k(graph: Graph, scores: np.ndarray, k: int, *, absolute: bool = True) -> np.ndarray:
+    """The k edges with the largest scores (by absolute value unless `absolute=False`)."""
+    _check_k(graph, k)
+    chosen = np.zeros(graph.n_edges, dtype=bool)
+    chosen[_ranking(graph, scores, absolute)[:k]] = True
+    return graph.edge_matrix(chosen, fill=False)
+
+
+def greedy(graph: Graph, scores: np.ndarray, k: int, *, absolute: bool = True) -> np.ndarray:
+    """Grow a circuit from the logits: repeatedly add the best-scoring edge into a node already in the
+    circuit (the reference's `apply_greedy`), so every edge leads to the logits."""
+    _check_k(graph, k)
+    values = np.abs(scores) if absolute else np.asarray(scores)
+    sources, destinations = graph.edge_indices
+    incoming = {}  # source node row -> edges entering any of its inputs
+    for edge, column in enumerate(destinations):
+        node = graph.destinations[column][0]
+        incoming.setdefault("logits" if node.kind == NodeKind.LOGITS else graph.source_index(node), []).append(edge)
+    circuit = np.zeros_like(graph.edge_mask)
+    heap = [(-values[sources[e], destinations[e]], e) for e in incoming["logits"]]
+    heapq.heapify(heap)
+    reached = set()
+    while heap and circuit.sum() < k:
+        _, edge = heapq.heappop(heap)
+        circuit[sources[edge], destinations[edge]] = True
+        parent = int(sources[edge])
+        if parent not in reached:
+            reached.add(parent)
+            for e in incoming.get(parent, []):
+                heapq.heappush(heap, (-values[sources[e], destinations[e]], e))
+    return circuit
+
+
+def prune(graph: Graph, circuit: np.ndarray) -> np.ndarray:
+    """Drop dangling edges until every remaining edge lies on a path from the input to the logits."""
+    circuit = np.asarray(circuit, dtype=bool) & graph.edge_mask
+    owned = graph.own_destinations
+    while True:
+        has_outgoing = circuit.any(axis=1)
+        has_incoming = (circuit.any(axis=0)[None, :] & owned).any(axis=1)
+        has_incoming[0] = True  # the input
+        alive = has_outgoing & has_incoming
+        alive_columns = (owned & alive[:, None]).any(axis=0)
+        alive_columns[-1] = True  # the logits
+        pruned = circuit & alive[:, None] & alive_columns[None, :]
+        if (pruned == circuit).all():
+            return pruned
+        circuit = pruned
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """Mean metric of each evaluated circuit, of the full model (clean) and of the empty circuit (ablated)."""
+
+    circuit_metric: np.ndarray
+    clean_metric: float
+    ablated_metric: float
+
+    @property
+    def faithfulness(self) -> np.ndarray:
+        gap = self.clean_metric - self.ablated_metric
+        if abs(gap) < 1e-8 * max(1.0, abs(self.clean_metric)):
+            raise CircuitError(f"the clean ({self.clean_metric:.4g}) and fully ablated "
+                               f"({self.ablated_metric:.4g}) metrics coincide; faithfulness is undefined")
+        return (self.circuit_metric - self.ablated_metric) / gap
+
+
+@functools.partial(jax.jit, static_argnames=("metric",))
+def _circuit_metrics(model, batch, weights, ablation, circuit_chunks, *, metric):
+    """Σ_examples weight · metric for every circuit in `circuit_chunks[n, c, N, M]`, and the clean metric."""
+    clean, corrupted, clean_logits, clean_metric, _ = plain_runs(model, metric, batch)
+    ablated = ablation.sources(clean, corrupted, batch)
+
+    def one_circuit(circuit):
+        def one_example(example, ablation_sources, logits):
+            edges = EdgeWeights(circuit.astype(ablation_sources.dtype), ablation_sources)
+            result = run(model, model.embed(example.clean), Interventions(edges=edges), valid=example.valid)
+            return metric(read_logits(model, result.final, example), example, logits)
+
+        return jax.vmap(one_example)(batch, ablated, clean_logits)
+
+    values = jax.lax.map(jax.vmap(one_circuit), circuit_chunks)
+    values = values.reshape(-1, batch.size)
+    return values @ weights.astype(values.dtype), clean_metric
+
+
+def evaluate(model: Transformer, batch: Batch, circuits: np.ndarray, metric: Metric, *,
+             ablation: Ablation = Ablation(), batch_size: int = 32, chunk: int = 4,
+             progress: Progress | None = None) -> Evaluation:
+    """Mean metric of each circuit (`[N, M]` or a stack `[C, N, M]`), with the clean and ablated baselines."""
+    graph = Graph.for_model(model.config)
+    circuits = np.asarray(circuits, dtype=bool)
+    circuits = circuits[None] if circuits.ndim == 2 else circuits
+    if circuits.shape[1:] != graph.edge_mask.shape:
+        raise CircuitError(f"circuits of shape {circuits.shape[1:]} do not fit this model's graph "
+                           f"{graph.edge_mask.shape}")
+    batch.check(model.config)
+    ablation = fit_ablation(model, batch, ablation, batch_size)
+    with_empty = np.concatenate([circuits & graph.edge_mask, np.zeros_like(circuits[:1])])
+    padded = np.concatenate([with_empty, np.repeat(with_empty[:1], -len(with_empty) % chunk, axis=0)])
+    chunks = jnp.asarray(padded.reshape(-1, chunk, *graph.edge_mask.shape))
+    totals, clean_total, done = 0.0, 0.0, 0
+    for part, weights in batches_of(batch, batch_size):
+        values, clean_metric = _circuit_metrics(model, part, weights, ablation, chunks, metric=metric)
+        n = int(weights.sum())
+        check_metric(np.asarray(clean_metric[:n]), "clean", done)
+        totals = totals + np.asarray(values[: len(with_empty)], np.float64)
+        clean_total += float(np.asarray(clean_metric[:n], np.float64).sum())
+        done += n
+        if progress is not None:
+            progress(done, batch.size)
+    means = totals / batch.size
+    return Evaluation(means[:-1], clean_total / batch.size, float(means[-1]))
+
+
+@dataclasses.dataclass(frozen=True)
+class Curve:
+    ks: np.ndarray
+    evaluation: Evaluation
+
+    @property
+    def faithfulness(self) -> np.ndarray:
+        return self.evaluation.faithfulness
+
+
+def faithfulness_curve(model: Transformer, batch: Batch, scores: Scores, metric: Metric, ks, *,
+                       absolute: bool = True, prune_dangling: bool = False, **evaluate_options) -> Curve:
+    """Faithfulness of the top-K circuit for every K in `ks`, all in one vmapped evaluation."""
+    ks = np.asarray(ks, dtype=int)
+    circuits = [top_k(scores.graph, scores.matrix, int(k), absolute=absolute) for k in ks]
+    if prune_dangling:
+        circuits = [prune(scores.graph, circuit) for circuit in circuits]
+    return Curve(ks, evaluate(model, batch, np.stack(circuits), metric, **evaluate_options))
+
+
+def smallest_faithful(model: Transformer, batch: Batch, scores: Scores, metric: Metric, tau: float, *,
+                      absolute: bool = True, prune_dangling: bool = False, grid: int = 12,
+                      **evaluate_options) -> tuple[int, np.ndarray, float]:
+    """The smallest K whose top-K circuit reaches faithfulness `tau`: (K, circuit, its faithfulness).
+
+    A geometric grid of K (one vmapped evaluation) brackets the first K that reaches tau; bisection then
+    narrows the bracket. Faithfulness need not grow monotonically with K, so the answer is the smallest K
+    found that reaches tau, not a guarantee that no smaller K does.
+    """
+    graph = scores.graph
+    ks = np.unique(np.geomspace(1, graph.n_edges, grid).astype(int))
+    curve = faithfulness_curve(model, batch, scores, metric, ks, absolute=absolute,
+                               prune_dangling=prune_dangling, **evaluate_options)
+    reached = np.nonzero(curve.faithfulness >= tau)[0]
+    if not len(reached):
+        raise CircuitError(f"no top-K circuit reaches faithfulness {tau} (best {curve.faithfulness.max():.3f} "
+                           f"at K = {ks[curve.faithfulness.argmax()]})")
+    high, value = int(ks[reached[0]]), float(curve.faithfulness[reached[0]])
+    low = int(ks[reached[0] - 1]) if reached[0] > 0 else 0
+    while high - low > 1:
+        middle = (low + high) // 2
+        point = faithfulness_curve(model, batch, scores, metric, [middle], absolute=absolute,
+                                   prune_dangling=prune_dangling, **evaluate_options).faithfulness[0]
+        if point >= tau:
+            high, value = middle, float(point)
+        else:
+            low = middle
+    circuit = top_k(graph, scores.matrix, high, absolute=absolute)
+    return high, prune(graph, circuit) if prune_dangling else circuit, value

@@ -1,0 +1,261 @@
+"""The EAP-IG computation graph, in the PyTorch reference's (hannamw/EAP-IG) order and names.
+
+Nodes are the input embedding, every attention head, every MLP and the logits. A node's output is what it
+writes to the residual stream (a head's is z·W_O without any output bias); a destination's input is the
+residual stream it reads, before its norm. A head has three inputs (q, k, v), each its own copy of the
+residual stream. Sources of a head in layer l: the input and every head and MLP of earlier layers; an MLP's
+also include the heads of its own layer; the logits read every node.
+
+Scores and circuits are matrices `[n_sources, n_destinations]` with the reference's layout:
+  source index:      input 0; a{l}.h{h} 1 + l(H+1) + h; m{l} 1 + l(H+1) + H
+  destination index: a{l}.h{h}<q|k|v> l(3H+1) + {0,1,2}H + h; m{l} l(3H+1) + 3H; logits last
+Only the entries of real edges (`Graph.edge_mask`) carry meaning. Strings appear only at the boundary
+(names, JSON); code addresses nodes with the typed `Node`, `Port` and integer indices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+class NodeKind(enum.Enum):
+    INPUT = "input"
+    HEAD = "head"
+    MLP = "mlp"
+    LOGITS = "logits"
+
+
+class Port(enum.Enum):
+    """Which input of an attention head an edge enters."""
+
+    Q = "q"
+    K = "k"
+    V = "v"
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Node:
+    kind: NodeKind
+    layer: int | None = None
+    head: int | None = None
+
+    @property
+    def name(self) -> str:
+        match self.kind:
+            case NodeKind.INPUT:
+                return "input"
+            case NodeKind.HEAD:
+                return f"a{self.layer}.h{self.head}"
+            case NodeKind.MLP:
+                return f"m{self.layer}"
+            case NodeKind.LOGITS:
+                return "logits"
+
+
+INPUT = Node(NodeKind.INPUT)
+LOGITS = Node(NodeKind.LOGITS)
+
+
+def head(layer: int, index: int) -> Node:
+    return Node(NodeKind.HEAD, layer, index)
+
+
+def mlp(layer: int) -> Node:
+    return Node(NodeKind.MLP, layer)
+
+
+@dataclasses.dataclass(frozen=True)
+class Edge:
+    source: Node
+    target: Node
+    port: Port | None = None
+
+    @property
+    def name(self) -> str:
+        port = "" if self.port is None else f"<{self.port.value}>"
+        return f"{self.source.name}->{self.target.name}{port}"
+
+
+class GraphError(ValueError):
+    """A graph, score file or circuit file that does not fit the model at hand."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Graph:
+    n_layers: int
+    n_heads: int
+
+    @classmethod
+    def for_model(cls, config) -> Graph:
+        return cls(config.n_layers, config.n_heads)
+
+    # ---- sizes and indices ----
+
+    @property
+    def n_sources(self) -> int:
+        return 1 + self.n_layers * (self.n_heads + 1)
+
+    @property
+    def n_destinations(self) -> int:
+        return self.n_layers * (3 * self.n_heads + 1) + 1
+
+    @property
+    def n_edges(self) -> int:
+        return len(self.edges)
+
+    def source_index(self, node: Node) -> int:
+        stride = self.n_heads + 1
+        match node.kind:
+            case NodeKind.INPUT:
+                return 0
+            case NodeKind.HEAD:
+                return 1 + node.layer * stride + node.head
+            case NodeKind.MLP:
+                return 1 + node.layer * stride + self.n_heads
+        raise GraphError(f"{node.name} writes nothing; it is not a source")
+
+    def destination_index(self, node: Node, port: Port | None = None) -> int:
+        stride = 3 * self.n_heads + 1
+        match node.kind:
+            case NodeKind.HEAD:
+                if port is None:
+                    raise GraphError(f"an edge into {node.name} needs a port (q, k or v)")
+                return node.layer * stride + list(Port).index(port) * self.n_heads + node.head
+            case NodeKind.MLP:
+                return node.layer * stride + 3 * self.n_heads
+            case NodeKind.LOGITS:
+                return self.n_destinations - 1
+        raise GraphError(f"{node.name} reads nothing; it is not a destination")
+
+    def upstream_count(self, node: Node) -> int:
+        """How many sources (a prefix of the source order) feed `node`."""
+        match node.kind:
+            case NodeKind.HEAD:
+                return 1 + node.layer * (self.n_heads + 1)
+            case NodeKind.MLP:
+                return 1 + node.layer * (self.n_heads + 1) + self.n_heads
+            case NodeKind.LOGITS:
+                return self.n_sources
+        raise GraphError(f"{node.name} reads nothing")
+
+    # ---- nodes and edges, in the reference's order ----
+
+    @functools.cached_property
+    def nodes(self) -> tuple[Node, ...]:
+        """Sources in source-index order, then the logits."""
+        layers = [(*(head(l, h) for h in range(self.n_heads)), mlp(l)) for l in range(self.n_layers)]
+        return (INPUT, *(node for layer in layers for node in layer), LOGITS)
+
+    @functools.cached_property
+    def sources(self) -> tuple[Node, ...]:
+        return self.nodes[:-1]
+
+    @functools.cached_property
+    def edges(self) -> tuple[Edge, ...]:
+        edges = []
+        for layer in range(self.n_layers):
+            heads = [head(layer, h) for h in range(self.n_heads)]
+            for source in self.sources[: self.upstream_count(heads[0])]:
+                edges += [Edge(source, target, port) for target in heads for port in Port]
+            edges += [Edge(source, mlp(layer)) for source in self.sources[: self.upstream_count(mlp(layer))]]
+        edges += [Edge(source, LOGITS) for source in self.sources]
+        return tuple(edges)
+
+    @functools.cached_property
+    def edge_indices(self) -> tuple[np.ndarray, np.ndarray]:
+        """(source index, destination index) of every edge, in edge order."""
+        pairs = np.array([(self.source_index(e.source), self.destination_index(e.target, e.port))
+                          for e in self.edges], dtype=np.int32)
+        return pairs[:, 0], pairs[:, 1]
+
+    @functools.cached_property
+    def edge_mask(self) -> np.ndarray:
+        """bool[n_sources, n_destinations]: which entries of a score matrix are real edges."""
+        mask = np.zeros((self.n_sources, self.n_destinations), dtype=bool)
+        mask[self.edge_indices] = True
+        mask.flags.writeable = False
+        return mask
+
+    @functools.cached_property
+    def destinations(self) -> tuple[tuple[Node, Port | None], ...]:
+        """(node, port) of every destination column, in column order."""
+        columns = []
+        for layer in range(self.n_layers):
+            columns += [(head(layer, h), port) for port in Port for h in range(self.n_heads)]
+            columns.append((mlp(layer), None))
+        return (*columns, (LOGITS, None))
+
+    @functools.cached_property
+    def own_destinations(self) -> np.ndarray:
+        """bool[n_sources, n_destinations]: the destination columns that belong to each source node (a head's
+        q, k and v inputs, an MLP's input); the input node has none."""
+        owned = np.zeros((self.n_sources, self.n_destinations), dtype=bool)
+        for column, (node, _) in enumerate(self.destinations[:-1]):
+            owned[self.source_index(node), column] = True
+        owned.flags.writeable = False
+        return owned
+
+    def edge_vector(self, matrix: np.ndarray) -> np.ndarray:
+        """The entries of a `[n_sources, n_destinations]` matrix, one per edge in edge order."""
+        return np.asarray(matrix)[self.edge_indices]
+
+    def edge_matrix(self, vector: np.ndarray, fill: Any = 0) -> np.ndarray:
+        """Inverse of `edge_vector`: a matrix with `vector` at the edges and `fill` elsewhere."""
+        vector = np.asarray(vector)
+        if vector.shape != (self.n_edges,):
+            raise GraphError(f"expected one value per edge ({self.n_edges}), got shape {vector.shape}")
+        matrix = np.full((self.n_sources, self.n_destinations), fill, dtype=vector.dtype)
+        matrix[self.edge_indices] = vector
+        return matrix
+
+    # ---- JSON in the reference's naming ----
+
+    def to_json(self, path: str | Path, scores: np.ndarray | None = None, circuit: np.ndarray | None = None,
+                d_model: int | None = None) -> None:
+        """Write scores and/or a circuit as the reference's `Graph.to_json` does."""
+        scores = None if scores is None else self.edge_vector(scores)
+        in_graph = np.zeros(self.n_edges, bool) if circuit is None else self.edge_vector(circuit)
+        nodes_in = nodes_in_circuit(self, circuit) if circuit is not None else set()
+        document = {
+            "cfg": {"n_layers": self.n_layers, "n_heads": self.n_heads, "parallel_attn_mlp": False,
+                    "d_model": d_model},
+            "nodes": {node.name: {"in_graph": node in nodes_in or node == LOGITS} for node in self.nodes},
+            "edges": {edge.name: {"score": None if scores is None else float(scores[i]),
+                                  "in_graph": bool(in_graph[i])} for i, edge in enumerate(self.edges)},
+        }
+        Path(path).write_text(json.dumps(document))
+
+    def from_json(self, path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+        """Read (scores, circuit) matrices from a reference-format JSON file written for this graph."""
+        document = json.loads(Path(path).read_text())
+        if not isinstance(document, dict) or not {"cfg", "edges"} <= set(document):
+            raise GraphError(f"{path}: not an EAP-IG graph file (needs 'cfg' and 'edges')")
+        cfg = document["cfg"]
+        shape = (cfg.get("n_layers"), cfg.get("n_heads"))
+        if shape != (self.n_layers, self.n_heads) or cfg.get("parallel_attn_mlp", False):
+            raise GraphError(f"{path}: written for a graph of {shape[0]} layers x {shape[1]} heads"
+                             f"{' with parallel attention/MLP' if cfg.get('parallel_attn_mlp') else ''}; "
+                             f"this model's graph has {self.n_layers} x {self.n_heads}")
+        names = [edge.name for edge in self.edges]
+        edges = document["edges"]
+        missing, unknown = set(names) - set(edges), set(edges) - set(names)
+        if missing or unknown:
+            raise GraphError(f"{path}: edges do not match this graph ({len(missing)} missing, e.g. "
+                             f"{sorted(missing)[:3]}; {len(unknown)} unknown, e.g. {sorted(unknown)[:3]})")
+        scores = np.array([np.nan if edges[n]["score"] is None else edges[n]["score"] for n in names],
+                          dtype=np.float32)
+        in_graph = np.array([bool(edges[n]["in_graph"]) for n in names])
+        return self.edge_matrix(scores, fill=np.float32(0)), self.edge_matrix(in_graph, fill=False)
+
+
+def nodes_in_circuit(graph: Graph, circuit: np.ndarray) -> set[Node]:
+    """Nodes touched by at least one edge of the circuit."""
+    sources, destinations = np.nonzero(np.asarray(circuit) & graph.edge_mask)
+    return ({graph.sources[i] for i in sources} | {graph.destinations[j][0] for j in destinations})
