@@ -27,8 +27,10 @@ from jaxtyping import Array, Float
 
 from mdm_circuits.ablations import Ablation
 from mdm_circuits.batch import Batch
-from mdm_circuits.graph import Graph, NodeKind
-from mdm_circuits.interventions import Interventions, NodePatch, Probes, destination_gradients, run
+from mdm_circuits import gradients
+from mdm_circuits.gradients import PerStep, Summed, step_parts
+from mdm_circuits.graph import Graph, NodeKind, mlp
+from mdm_circuits.interventions import Interventions, NodePatch, Probes, run
 from mdm_circuits.metrics import Metric
 from mdm_circuits.model import Transformer
 from mdm_circuits.patching import exact_edges
@@ -50,15 +52,16 @@ Aggregation = Literal["sum", "mean"]
 # ---- per-example pieces (vmapped over the batch below) ----
 
 
-def _destination_gradients(model, metric, embeddings, example, clean_logits, nodes=None):
-    """∂L/∂(input of every destination) `[M, T, D]`, for one example run from `embeddings`."""
+def _gradient_parts(model, metric, embeddings, example, clean_logits, nodes=None):
+    """One example's probe gradients at a run from `embeddings` (with `nodes` patched), split for `assemble`."""
     def loss(probes):
-        result = run(model, embeddings, Interventions(nodes=nodes, probes=probes), valid=example.valid)
+        result = run(model, embeddings, Interventions(nodes=nodes, probes=probes), valid=example.valid,
+                     keep_sources=False)
         return metric.loss(read_logits(model, result.final, example), example, clean_logits), result
 
     zeros = Probes.zeros(model.config, embeddings.shape[0], jnp.float32)
-    gradients, result = jax.grad(loss, has_aux=True)(zeros)
-    return destination_gradients(model, result.attention_inputs, gradients)
+    probe_gradients, result = jax.grad(loss, has_aux=True)(zeros)
+    return step_parts(model, result, probe_gradients)
 
 
 def _weighted_differences(ablated, clean, batch, weights, aggregation):
@@ -69,17 +72,38 @@ def _weighted_differences(ablated, clean, batch, weights, aggregation):
     return (ablated - clean).astype(jnp.float32) * scale[:, None, :, None]
 
 
-def _integrate(gradient_at: Callable[[Array], Array], steps: int, step_chunk: int) -> Array:
-    """Mean over α_k = k/steps, k = 0..steps−1 (left Riemann sum), of `gradient_at(α)`, scanning over chunks
-    of `step_chunk` vmapped steps."""
+def _integrate(parts_at: Callable[[Array], tuple[Summed, PerStep]], steps: int,
+               step_chunk: int) -> tuple[Summed, PerStep]:
+    """The gradient parts of a batch over α_k = k/steps, k = 0..steps−1 (a left Riemann sum): summed parts
+    added up, per-step parts kept `[B, steps, ...]`. `parts_at(α[C])` gives the parts at C values of α,
+    shaped [C, B, ...]; a `lax.scan` runs over chunks of `step_chunk` steps."""
     alphas = (jnp.arange(steps, dtype=jnp.float32) / steps).reshape(-1, step_chunk)
 
     def accumulate(total, chunk):
-        return total + jax.vmap(gradient_at)(chunk).sum(0), None
+        summed, per_step = parts_at(chunk)
+        return jax.tree.map(lambda t, s: t + s.sum(0), total, summed), per_step
 
-    first = jax.eval_shape(gradient_at, alphas[0, 0])
-    total, _ = jax.lax.scan(accumulate, jnp.zeros(first.shape, first.dtype), alphas)
-    return total / steps
+    first = jax.eval_shape(parts_at, alphas[0])[0]
+    zeros = jax.tree.map(lambda leaf: jnp.zeros(leaf.shape[1:], leaf.dtype), first)
+    total, per_step = jax.lax.scan(accumulate, zeros, alphas)
+    # [chunks, chunk, B, ...] -> [B, steps, ...]
+    return total, jax.tree.map(lambda leaf: jnp.moveaxis(leaf.reshape(steps, *leaf.shape[2:]), 0, 1), per_step)
+
+
+def _batched_points(parts, arguments_at: Callable, alphas: Float[Array, " C"]):
+    """`parts` at every α of `alphas`, where `arguments_at(α)` gives its per-example arguments (leading batch
+    axis B): the C points go through `parts` as one batch of C·B runs, outputs shaped [C, B, ...]."""
+    arguments = jax.vmap(arguments_at)(alphas)
+    flat = jax.tree.map(lambda leaf: leaf.reshape(-1, *leaf.shape[2:]), arguments)
+    return jax.tree.map(lambda leaf: leaf.reshape(alphas.shape[0], -1, *leaf.shape[1:]), parts(*flat))
+
+
+def _scores(model, delta: Float[Array, "B R T D"], summed: Summed, per_step: PerStep,
+            steps: int) -> Float[Array, "R M"]:
+    """The score matrix rows of the sources in `delta` (Δ laid out [B, R, T, D]), in destination order."""
+    heads, mlps, logits = gradients.scores(model, jnp.moveaxis(delta, 1, 0), summed, per_step, steps)
+    per_layer = jnp.concatenate([heads.reshape(*heads.shape[:2], -1), mlps[..., None]], axis=-1)
+    return jnp.concatenate([per_layer.reshape(delta.shape[1], -1), logits[:, None]], axis=1)
 
 
 @functools.partial(jax.jit, static_argnames=("metric", "method", "steps", "step_chunk", "aggregation"))
@@ -88,19 +112,21 @@ def _attribute_batch(model, batch, weights, ablation, *, metric, method, steps, 
     clean, corrupted, clean_logits, clean_metric, corrupted_metric = plain_runs(model, metric, batch)
     delta = _weighted_differences(ablation.sources(clean, corrupted, batch), clean, batch, weights, aggregation)
     clean_embeddings = jax.vmap(model.embed)(batch.clean)
-    gradients = functools.partial(_destination_gradients, model, metric)
+    parts = jax.vmap(functools.partial(_gradient_parts, model, metric))
+    graph = Graph.for_model(model.config)
     if method == "eap":
-        grads = jax.vmap(gradients)(clean_embeddings, batch, clean_logits)
-        scores = jnp.einsum("bntd,bmtd->nm", delta, grads)
+        summed, per_step = parts(clean_embeddings, batch, clean_logits)
+        scores = _scores(model, delta, summed, jax.tree.map(lambda leaf: leaf[:, None], per_step), 1)
     elif method == "eap_ig_inputs":
         corrupted_embeddings = jax.vmap(model.embed)(batch.corrupted)
 
-        def at(alpha):
+        def arguments_at(alpha):
             alpha = alpha.astype(clean_embeddings.dtype)
             embeddings = corrupted_embeddings + alpha * (clean_embeddings - corrupted_embeddings)
-            return jax.vmap(gradients)(embeddings, batch, clean_logits)
+            return embeddings, batch, clean_logits
 
-        scores = jnp.einsum("bntd,bmtd->nm", delta, _integrate(at, steps, step_chunk))
+        summed, per_step = _integrate(functools.partial(_batched_points, parts, arguments_at), steps, step_chunk)
+        scores = _scores(model, delta, summed, per_step, steps)
     elif method == "eap_ig_activations":
         scores = _activation_integrals(model, metric, batch, clean, corrupted, clean_logits, clean_embeddings,
                                        delta, steps, step_chunk)
@@ -132,14 +158,14 @@ def _activation_integrals(model, metric, batch, clean, corrupted, clean_logits, 
         keep = jnp.ones(graph.n_sources).at[rows].min(jnp.where(member, 0.0, 1.0))
         keep = jnp.broadcast_to(keep[None, :, None], clean.shape[:3])
 
-        def at(alpha):
+        def arguments_at(alpha):
             patch = NodePatch(keep, corrupted + alpha.astype(clean.dtype) * (clean - corrupted))
-            return jax.vmap(functools.partial(_destination_gradients, model, metric))(
-                clean_embeddings, batch, clean_logits, patch)
+            return clean_embeddings, batch, clean_logits, patch
 
-        mean_gradient = _integrate(at, steps, step_chunk)
+        parts = jax.vmap(functools.partial(_gradient_parts, model, metric))
+        summed, per_step = _integrate(functools.partial(_batched_points, parts, arguments_at), steps, step_chunk)
         in_group = member.astype(delta.dtype)[None, :, None, None]
-        return jnp.einsum("bhtd,bmtd->hm", delta[:, rows] * in_group, mean_gradient)
+        return _scores(model, delta[:, rows] * in_group, summed, per_step, steps)
 
     per_group = jax.lax.map(group_scores, (groups, members))
     return jnp.zeros((graph.n_sources, graph.n_destinations)).at[groups].add(

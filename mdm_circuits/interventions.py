@@ -14,9 +14,9 @@ Axis letters as in `layers`; N = graph.n_sources, M = graph.n_destinations (see 
   head's q, k and v inputs become their own copies of the residual stream, each through its own norm.
 - `Probes`: zeros added to every destination input. Their gradient is ∂metric/∂(input of v): the MLP and
   logits probes sit on those inputs directly; q/k/v probes sit after each head's projection (before RoPE)
-  and `destination_gradients` pulls them back through the head's weight slice and the norm's VJP at the
-  shared residual, which equals the gradient w.r.t. the head's own input copy without copying the
-  residual stream once per head.
+  and `gradients` pulls them back through the head's weight slice and the norm's VJP at the shared
+  residual, which equals the gradient w.r.t. the head's own input copy without copying the residual
+  stream once per head.
 """
 
 from __future__ import annotations
@@ -80,14 +80,17 @@ class Interventions:
 class Run(NamedTuple):
     """What an intervened forward computed.
 
-    sources: every node's output in this run (after node patches), in source order.
+    sources: every node's output in this run (after node patches), in source order; None when not kept.
     attention_inputs: the residual stream each block's attention read (where q/k/v probes pull back to).
     final: the logits' input (before the final norm).
+    qkv: with probes, each head's query, key and value where its probe was added (after the projection
+      and bias, before RoPE; keys and values once per query head); otherwise None.
     """
 
-    sources: Float[Array, "N T D"]
+    sources: Float[Array, "N T D"] | None
     attention_inputs: Float[Array, "L T D"]
     final: Float[Array, "T D"]
+    qkv: Float[Array, "L 3 T H E"] | None = None
 
 
 def _patch(out: Array, patch: NodePatch | None, start: int) -> Array:
@@ -106,12 +109,22 @@ def _patch_residual(x: Array, patch: ResidualPatch | None, row: int) -> Array:
     return keep * x + (1 - keep) * patch.value[row].astype(x.dtype)
 
 
-def _edge_inputs(edges: EdgeWeights, sources: list[Array], columns: slice) -> Array:
-    """Inputs of destinations `columns` from the sources so far: Σ_u w·out_u + (1 − w)·ablation_u."""
-    current = jnp.concatenate(sources)
-    ablation = edges.ablation[: current.shape[0]].astype(current.dtype)
-    weight = edges.weight[: current.shape[0], columns].astype(current.dtype)
-    return ablation.sum(0)[None] + jnp.einsum("uc,utd->ctd", weight, current - ablation)
+class _EdgeInputs:
+    """Destination inputs under edge weights: Σ_u w·out_u(this run) + (1 − w)·ablation_u over the edges.
+
+    The ablation part is fixed before the run, for every destination at once (one product); each layer
+    then adds one product of its columns' weights with the outputs of the run so far."""
+
+    def __init__(self, edges: EdgeWeights, edge_mask, dtype):
+        mask = jnp.asarray(edge_mask, dtype)
+        weight = edges.weight.astype(dtype)
+        self.kept = weight * mask
+        self.ablated = jnp.einsum("um,utd->mtd", (1 - weight) * mask, edges.ablation.astype(dtype))
+
+    def __call__(self, current: Array, columns: slice) -> Array:
+        """Inputs of destinations `columns`, which read the first U sources; `current[U, T, D]` holds this
+        run's outputs of those sources."""
+        return self.ablated[columns] + jnp.einsum("uc,utd->ctd", self.kept[: current.shape[0], columns], current)
 
 
 def run(
@@ -121,8 +134,10 @@ def run(
     *,
     valid: Bool[Array, " T"] | None = None,
     positions: Int[Array, " T"] | None = None,
+    keep_sources: bool = True,
 ) -> Run:
-    """The forward pass with interventions applied, keeping every node's output."""
+    """The forward pass with interventions applied, keeping every node's output unless `keep_sources` is
+    False (then heads are projected together, as in the plain model, and `Run.sources` is None)."""
     config = model.config
     if interventions.edges is not None and (interventions.probes is not None or interventions.residual is not None):
         raise ValueError("edge weights combine with node patches only, not with probes or residual patches")
@@ -134,8 +149,10 @@ def run(
     rope = rotary_tables(positions, config.head_dim, config.rope_theta)
     nodes, edges, probes = interventions.nodes, interventions.edges, interventions.probes
 
+    per_head = keep_sources or nodes is not None or edges is not None
     x = _patch(embeddings.astype(model.embedding.dtype)[None], nodes, 0)
-    sources, attention_inputs, residual = [x], [], x[0]
+    sources, attention_inputs, probed, residual = [x], [], [], x[0]
+    edge_inputs = None if edges is None else _EdgeInputs(edges, graph.edge_mask, x.dtype)
     for layer, block in enumerate(model.blocks):
         first_head = graph.source_index(head(layer, 0))
         residual = _patch_residual(residual, interventions.residual, layer)
@@ -143,18 +160,24 @@ def run(
         if edges is None:
             q, k, v = block.attn.project(block.attn_norm(residual))
             if probes is not None:
+                k, v = block.attn.expand_kv(k), block.attn.expand_kv(v)
+                probed.append(jnp.stack([q, k, v]))
                 q = q + probes.q[layer].astype(q.dtype)
-                k = block.attn.expand_kv(k) + probes.k[layer].astype(k.dtype)
-                v = block.attn.expand_kv(v) + probes.v[layer].astype(v.dtype)
+                k = k + probes.k[layer].astype(k.dtype)
+                v = v + probes.v[layer].astype(v.dtype)
         else:
             first_query = graph.destination_index(head(layer, 0), Port.Q)
             columns = slice(first_query, first_query + 3 * h)
-            inputs = _edge_inputs(edges, sources, columns).reshape(3, h, n, -1)
+            current = jnp.concatenate(sources)
+            inputs = edge_inputs(current, columns).reshape(3, h, n, -1)
             q, k, v = block.attn.project_per_head(*jax.vmap(jax.vmap(block.attn_norm))(inputs))
         z = block.attn.attend(q, k, v, mask=mask, rope=rope)
-        head_out = _patch(block.attn.head_outputs(z).swapaxes(0, 1), nodes, first_head)
-        sources.append(head_out)
-        residual = residual + head_out.sum(0)
+        if per_head:
+            head_out = _patch(block.attn.head_outputs(z).swapaxes(0, 1), nodes, first_head)
+            sources.append(head_out)
+            residual = residual + head_out.sum(0)
+        else:  # nobody reads the heads one by one: project them all at once
+            residual = residual + block.attn.output(z)
 
         if edges is None:
             mlp_in = residual
@@ -162,7 +185,7 @@ def run(
                 mlp_in = mlp_in + probes.mlp[layer].astype(mlp_in.dtype)
         else:
             mlp_column = graph.destination_index(mlp(layer))
-            mlp_in = _edge_inputs(edges, sources, slice(mlp_column, mlp_column + 1))[0]
+            mlp_in = edge_inputs(jnp.concatenate([current, head_out]), slice(mlp_column, mlp_column + 1))[0]
         mlp_out = _patch(block.mlp(block.mlp_norm(mlp_in))[None], nodes, first_head + h)
         sources.append(mlp_out)
         residual = residual + mlp_out[0]
@@ -172,28 +195,6 @@ def run(
         if probes is not None:
             final = final + probes.logits.astype(final.dtype)
     else:
-        final = _edge_inputs(edges, sources, slice(graph.n_destinations - 1, graph.n_destinations))[0]
-    return Run(jnp.concatenate(sources), jnp.stack(attention_inputs), final)
-
-
-def destination_gradients(model: Transformer, attention_inputs: Float[Array, "L T D"],
-                          probe_gradients: Probes) -> Float[Array, "M T D"]:
-    """∂metric/∂(input of every destination), in destination order, from the probes' gradients.
-
-    A head's q (k, v) input is its own copy of the residual stream r, read through the block's norm and the
-    head's slice of W_Q (W_K, W_V). At the unintervened point the gradient w.r.t. that copy is
-    VJP_norm(r)(W^h · g^h), where g^h is the gradient w.r.t. the head's projected query (key, value).
-    """
-    columns = []
-    for layer, block in enumerate(model.blocks):
-        attn = block.attn
-        weights = (attn.w_q[...], attn.expand_kv(attn.w_k[...]), attn.expand_kv(attn.w_v[...]))
-        grads = (probe_gradients.q[layer], probe_gradients.k[layer], probe_gradients.v[layer])
-        at_norm_output = jnp.stack([jnp.einsum("the,dhe->htd", g, w.astype(g.dtype))
-                                    for g, w in zip(grads, weights)])  # [3, H, T, D]
-        _, norm_vjp = jax.vjp(block.attn_norm, attention_inputs[layer])
-        at_input = jax.vmap(lambda cotangent: norm_vjp(cotangent.astype(attention_inputs.dtype))[0])(
-            at_norm_output.reshape(-1, *at_norm_output.shape[2:]))
-        columns += [at_input.astype(jnp.float32), probe_gradients.mlp[layer][None].astype(jnp.float32)]
-    columns.append(probe_gradients.logits[None].astype(jnp.float32))
-    return jnp.concatenate(columns)
+        final = edge_inputs(jnp.concatenate(sources), slice(graph.n_destinations - 1, graph.n_destinations))[0]
+    return Run(jnp.concatenate(sources) if keep_sources else None, jnp.stack(attention_inputs), final,
+               jnp.stack(probed) if probed else None)

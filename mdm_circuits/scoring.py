@@ -44,6 +44,19 @@ class Scores:
     def to_json(self, path, d_model: int | None = None) -> None:
         self.graph.to_json(path, scores=self.matrix, d_model=d_model)
 
+    def node_importance(self, k: int | None = None, absolute: bool = True) -> np.ndarray:
+        """s(v) for every source node: the sum of the scores (absolute by default) of the edges entering or
+        leaving v, over the top-k edges if `k` is given (DESIGN's component importance), else all edges."""
+        values = np.abs(self.edges) if absolute else self.edges
+        if k is not None:
+            keep = np.zeros_like(values, dtype=bool)
+            keep[np.argsort(-values, kind="stable")[:k]] = True
+            values = np.where(keep, values, 0)
+        matrix = self.graph.edge_matrix(values.astype(np.float64))
+        leaving = matrix.sum(axis=1)
+        entering = (self.graph.own_destinations * matrix.sum(axis=0)[None, :]).sum(axis=1)
+        return leaving + entering
+
 
 def read_logits(model: Transformer, final: Float[Array, "T D"], example: Batch) -> Float[Array, "A V"]:
     """Logits at the positions that predict the example's answer tokens (only those are unembedded)."""

@@ -79,7 +79,8 @@ def test_vmapped_sweep_equals_a_loop_of_single_patches():
                 loss = metrics.logit_difference.loss(read_logits(model, result.final, example), example,
                                                      clean_logits)
                 expected[source, position] += float(loss - clean_loss) / batch.size
-    np.testing.assert_allclose(sweep.values, expected, rtol=1e-4, atol=1e-6)
+    # Unpatched runs add the heads' outputs in one projection, patched runs one by one: rounding differs.
+    np.testing.assert_allclose(sweep.values, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
     # Patching every position of a node at once is a different intervention from any single position.
     whole = patch_nodes(model, batch, metrics.logit_difference)
     assert whole.values.shape == (graph.n_sources,)

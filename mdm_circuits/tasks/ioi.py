@@ -1,0 +1,105 @@
+"""Indirect Object Identification (Wang et al., 2022).
+
+Clean: "When Mary and John went to the store, John gave a drink to" → " Mary" (the indirect object), with
+the subject " John" as the counterfactual; ABBA and BABA orders. Corrupted (ABC): the same template with
+three different names, so no name repeats and the sentence no longer says who the indirect object is. The
+metric is the logit difference, indirect object minus subject.
+
+Names, places and objects must each be one token (with their leading space) for the tokenizer given;
+those that are not are left out, and the generator fails clearly if too few remain.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Sequence
+
+import tokenizers
+
+from mdm_circuits.batch import BatchError, Example
+from mdm_circuits.metrics import logit_difference
+
+METRIC = logit_difference
+
+# {A} is the indirect object, {B} the subject (repeated); BABA order swaps their first mention.
+TEMPLATES = (
+    "When {A} and {B} went to the {place}, {B} gave a {object} to",
+    "When {A} and {B} got a {object} at the {place}, {B} decided to give it to",
+    "After {A} and {B} went to the {place}, {B} gave a {object} to",
+    "While {A} and {B} were working at the {place}, {B} gave a {object} to",
+    "While {A} and {B} were commuting to the {place}, {B} gave a {object} to",
+    "After the lunch, {A} and {B} went to the {place}. {B} gave a {object} to",
+    "Afterwards, {A} and {B} went to the {place}. {B} gave a {object} to",
+    "Then, {A} and {B} had a long argument. Afterwards {B} said to",
+    "Then, {A} and {B} were thinking about going to the {place}. {B} wanted to give a {object} to",
+    "Friends {A} and {B} found a {object} at the {place}. {B} gave it to",
+    "{A} and {B} had a lot of fun at the {place}. {B} gave a {object} to",
+    "The {place} {A} and {B} went to had a {object}. {B} gave it to",
+)
+NAMES = (
+    "Mary", "John", "Tom", "James", "Dan", "Sid", "Martin", "Amy", "Anna", "Paul", "Emma", "Mark", "Laura",
+    "Kate", "Sarah", "Lisa", "Mike", "David", "Peter", "Rose", "Alice", "Bob", "Jack", "Luke", "Ben",
+    "Sam", "Adam", "Jane", "Max", "Ryan", "Eric", "Steve", "Kevin", "Brian", "Jessica", "Michael",
+    "Robert", "William", "Richard", "Thomas", "Charles", "Daniel", "Matthew", "George", "Henry",
+)
+PLACES = ("store", "garden", "restaurant", "school", "hospital", "office", "house", "station", "park",
+          "beach", "market", "library")
+OBJECTS = ("ring", "kiss", "bone", "basketball", "computer", "necklace", "drink", "snack", "book", "ball",
+           "letter", "gift")
+
+
+def single_tokens(tokenizer: tokenizers.Tokenizer, words: Sequence[str]) -> dict[str, int]:
+    """The words that are one token with a leading space, and that token."""
+    ids = {}
+    for word in words:
+        encoded = tokenizer.encode(" " + word, add_special_tokens=False).ids
+        if len(encoded) == 1:
+            ids[word] = encoded[0]
+    return ids
+
+
+def _words(tokenizer, words, kind, needed):
+    found = single_tokens(tokenizer, words)
+    if len(found) < needed:
+        raise BatchError(f"only {len(found)} of the {kind} are single tokens for this tokenizer "
+                         f"({sorted(found)}); IOI needs at least {needed}")
+    return sorted(found)
+
+
+def examples(tokenizer: tokenizers.Tokenizer, n: int, *, seed: int = 0, max_length: int | None = None,
+             mask_token_id: int | None = None) -> list[Example]:
+    """`n` IOI pairs, half ABBA and half BABA, reproducible for a seed.
+
+    Args:
+      tokenizer: the model's tokenizer; names, places and objects are kept only where they are one token.
+      n: number of pairs.
+      seed: the random seed (templates, names, places, objects).
+      max_length: leave out templates whose prompts are longer than this many tokens.
+      mask_token_id: the MDM view: append this token as the masked answer position. None gives the ARM
+        view, where the answer is the token after the prompt.
+    """
+    names = _words(tokenizer, NAMES, "names", 5)
+    places, objects = _words(tokenizer, PLACES, "places", 1), _words(tokenizer, OBJECTS, "objects", 1)
+    name_ids = single_tokens(tokenizer, names)
+    rng = random.Random(seed)
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False).ids  # noqa: E731
+    pairs, attempts = [], 0
+    while len(pairs) < n:
+        attempts += 1
+        if attempts > 50 * n:
+            raise BatchError(f"could not build {n} IOI prompts of at most {max_length} tokens")
+        template = rng.choice(TEMPLATES)
+        a, b, c, d, e = rng.sample(names, 5)
+        fill = dict(place=rng.choice(places), object=rng.choice(objects))
+        baba = len(pairs) % 2 == 1
+        first, second = (b, a) if baba else (a, b)
+        clean = encode(template.replace("{A} and {B}", f"{first} and {second}").format(A=a, B=b, **fill))
+        # ABC: the two first mentions and the repeated subject become three new names.
+        corrupted = encode(template.replace("{A} and {B}", f"{c} and {d}").format(A=c, B=e, **fill))
+        if len(clean) != len(corrupted) or (max_length is not None and len(clean) > max_length):
+            continue
+        answer = len(clean)
+        if mask_token_id is not None:
+            clean, corrupted = clean + [mask_token_id], corrupted + [mask_token_id]
+        pairs.append(Example(clean, corrupted, [answer], [[name_ids[a]]], [[name_ids[b]]]))
+    return pairs
