@@ -1,4 +1,4 @@
-"""The `mdm-circuits` command line: convert checkpoints, query converted models, plan memory."""
+"""The `mdm-circuits` command line: convert checkpoints, query converted models, plan memory, find circuits."""
 
 from __future__ import annotations
 
@@ -14,11 +14,17 @@ import numpy as np
 
 from conversion import ConversionError, config_from_hf, convert
 from mdm_circuits import checkpoint
+from mdm_circuits.attribution import attribute
+from mdm_circuits.batch import BatchError, collate
 from mdm_circuits.checkpoint import CheckpointError
+from mdm_circuits.circuits import CircuitError, faithfulness_curve, smallest_faithful
 from mdm_circuits.config import ConfigError, ModelConfig
+from mdm_circuits.graph import Graph, GraphError, NodeKind
 from mdm_circuits.model import with_config
 from mdm_circuits.planning import plan
 from mdm_circuits.presets import PRESETS
+from mdm_circuits.scoring import AttributionError
+from mdm_circuits.tasks import TASKS
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -114,6 +120,57 @@ def _plan(args: argparse.Namespace) -> None:
               "the target machine for its own figure.")
 
 
+def _progress(what: str):
+    def report(done: int, total: int) -> None:
+        print(f"  {what} {done}/{total} examples", flush=True)
+
+    return report
+
+
+def _find_circuit(args: argparse.Namespace) -> None:
+    model = checkpoint.load(args.model)
+    tokenizer = checkpoint.load_tokenizer(args.model)
+    if tokenizer is None:
+        raise SystemExit(f"error: {args.model} has no tokenizer.json; the task needs one to build its prompts")
+    config, task = model.config, TASKS[args.task]
+    examples = task.examples(tokenizer, args.n, seed=args.seed, max_length=args.max_length,
+                             mask_token_id=config.mask_token_id if config.is_mdm else None)
+    batch = collate(examples)
+    graph = Graph.for_model(config)
+    print(f"{batch.size} {args.task} pairs of up to {batch.clean.shape[1]} tokens "
+          f"({'MDM view: masked answer' if config.is_mdm else 'ARM view'}); {graph.n_edges:,} edges; "
+          f"{args.method}" + ("" if args.method in ("eap", "exact") else f", {args.steps} steps"), flush=True)
+    start = time.perf_counter()
+    scores = attribute(model, batch, task.METRIC, method=args.method, steps=args.steps,
+                       batch_size=args.batch_size, progress=_progress("attributed"))
+    print(f"attributed in {time.perf_counter() - start:.1f} s; {task.METRIC.name}: clean {scores.clean_metric:.3f}, "
+          f"corrupted {scores.corrupted_metric:.3f}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    scores.to_json(out / "scores.json", d_model=config.d_model)
+    importance = scores.node_importance()
+    heads = sorted((i for i, node in enumerate(graph.sources) if node.kind == NodeKind.HEAD),
+                   key=lambda i: -importance[i])[: args.top_heads]
+    print(f"top {args.top_heads} heads by summed |score| of their edges: "
+          + ", ".join(f"{graph.sources[i].name} ({importance[i]:.3g})" for i in heads))
+    ks = sorted({min(int(k), graph.n_edges) for k in args.ks.split(",")})
+    curve = faithfulness_curve(model, batch, scores, task.METRIC, ks, batch_size=args.batch_size,
+                               progress=_progress("evaluated"))
+    print(f"faithfulness of the top-K circuit (clean {curve.evaluation.clean_metric:.3f}, "
+          f"fully ablated {curve.evaluation.ablated_metric:.3f}):")
+    for k, value in zip(curve.ks, curve.faithfulness):
+        print(f"  K = {k:>7,}  {value:7.3f}")
+    (out / "curve.json").write_text(json.dumps({"ks": curve.ks.tolist(), "faithfulness": curve.faithfulness.tolist(),
+                                                "clean_metric": curve.evaluation.clean_metric,
+                                                "ablated_metric": curve.evaluation.ablated_metric}, indent=1))
+    if args.tau is not None:
+        k, circuit, value = smallest_faithful(model, batch, scores, task.METRIC, args.tau,
+                                              batch_size=args.batch_size)
+        graph.to_json(out / "circuit.json", scores=scores.matrix, circuit=circuit, d_model=config.d_model)
+        print(f"smallest top-K circuit reaching faithfulness {args.tau}: K = {k:,} ({value:.3f})")
+    print(f"wrote {', '.join(sorted(p.name for p in out.glob('*.json')))} to {out}")
+
+
 def _config_from_path(path: Path, ignore_fields: list[str]) -> ModelConfig:
     if (path / checkpoint.MANIFEST).exists():
         return checkpoint.read_manifest(path)[0]
@@ -163,6 +220,22 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--ignore-config-field", action="append", default=[], metavar="FIELD",
                       help="a config.json field you know does not change the computation (repeatable)")
     plan.set_defaults(run=_plan)
+
+    find = commands.add_parser("find-circuit", help="attribute a task's edges, evaluate top-K circuits, save JSON")
+    find.add_argument("model", help="directory written by `mdm-circuits convert`")
+    find.add_argument("--task", default="ioi", choices=sorted(TASKS))
+    find.add_argument("--n", type=int, default=32, help="number of clean/corrupted pairs")
+    find.add_argument("--seed", type=int, default=0)
+    find.add_argument("--max-length", type=int, help="leave out prompts longer than this many tokens")
+    find.add_argument("--method", default="eap_ig_inputs", choices=["eap", "eap_ig_inputs", "eap_ig_activations",
+                                                                    "exact"])
+    find.add_argument("--steps", type=int, default=5, help="integration steps of EAP-IG")
+    find.add_argument("--batch-size", type=int, default=32)
+    find.add_argument("--ks", default="10,100,1000,10000", help="comma-separated circuit sizes to evaluate")
+    find.add_argument("--tau", type=float, help="also find the smallest top-K circuit reaching this faithfulness")
+    find.add_argument("--top-heads", type=int, default=10)
+    find.add_argument("--out", default="out/circuit", help="directory for scores.json, curve.json, circuit.json")
+    find.set_defaults(run=_find_circuit)
     return parser
 
 
@@ -170,7 +243,8 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (ConversionError, CheckpointError, ConfigError) as error:
+    except (ConversionError, CheckpointError, ConfigError, BatchError, AttributionError, CircuitError,
+            GraphError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from error
 

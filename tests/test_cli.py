@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 import pytest
 
 from conftest import save_hf, tiny_torch_model
@@ -82,3 +84,26 @@ def test_predict_refuses_contradictory_or_empty_input(llama_dir, tmp_path):
         main(["predict", str(tmp_path / "arm"), "w1 w2", "--mask-token-id", "3"])
     with pytest.raises(SystemExit, match="prompt is empty"):
         main(["predict", str(tmp_path / "arm"), ""])
+
+
+def test_find_circuit_end_to_end(tmp_path, capsys):
+    """A tiny random model with a word-level tokenizer covering the IOI templates: the job runs, reports
+    progress and writes reference-format JSON."""
+    from conftest import random_model
+    from mdm_circuits.config import ModelConfig
+    from mdm_circuits.graph import Graph
+    from test_tasks import WORDS, word_tokenizer
+
+    tokenizer = word_tokenizer(WORDS)
+    config = ModelConfig(vocab_size=tokenizer.get_vocab_size(), d_model=16, n_layers=2, n_heads=2, n_kv_heads=1,
+                         head_dim=8, d_mlp=24)
+    checkpoint.save(tmp_path / "model", random_model(config, 0, scale=0.2), tokenizer)
+    main(["find-circuit", str(tmp_path / "model"), "--n", "6", "--steps", "2", "--batch-size", "4",
+          "--ks", "5,40", "--tau", "0.5", "--out", str(tmp_path / "out")])
+    output = capsys.readouterr().out
+    assert "attributed 4/6 examples" in output and "attributed 6/6 examples" in output
+    assert "K =       5" in output and "smallest top-K circuit reaching faithfulness 0.5" in output
+    graph = Graph.for_model(config)
+    scores, circuit = graph.from_json(tmp_path / "out" / "circuit.json")
+    assert circuit.any() and np.isfinite(scores).all()
+    assert json.loads((tmp_path / "out" / "curve.json").read_text())["ks"] == [5, 40]

@@ -21,7 +21,8 @@ from mdm_circuits.metrics import logit_difference
 
 METRIC = logit_difference
 
-# {A} is the indirect object, {B} the subject (repeated); BABA order swaps their first mention.
+# {A} is the indirect object, {B} the subject (repeated); BABA order swaps their first mention. No template
+# starts with a name: a name opening the text would be a different token (no leading space).
 TEMPLATES = (
     "When {A} and {B} went to the {place}, {B} gave a {object} to",
     "When {A} and {B} got a {object} at the {place}, {B} decided to give it to",
@@ -33,8 +34,8 @@ TEMPLATES = (
     "Then, {A} and {B} had a long argument. Afterwards {B} said to",
     "Then, {A} and {B} were thinking about going to the {place}. {B} wanted to give a {object} to",
     "Friends {A} and {B} found a {object} at the {place}. {B} gave it to",
-    "{A} and {B} had a lot of fun at the {place}. {B} gave a {object} to",
-    "The {place} {A} and {B} went to had a {object}. {B} gave it to",
+    "Then, {A} and {B} had a lot of fun at the {place}. {B} gave a {object} to",
+    "The {place} that {A} and {B} went to had a {object}. {B} gave it to",
 )
 NAMES = (
     "Mary", "John", "Tom", "James", "Dan", "Sid", "Martin", "Amy", "Anna", "Paul", "Emma", "Mark", "Laura",
@@ -49,11 +50,11 @@ OBJECTS = ("ring", "kiss", "bone", "basketball", "computer", "necklace", "drink"
 
 
 def single_tokens(tokenizer: tokenizers.Tokenizer, words: Sequence[str]) -> dict[str, int]:
-    """The words that are one token with a leading space, and that token."""
+    """The words that are one known token with a leading space (as they appear mid-sentence), and that token."""
     ids = {}
     for word in words:
         encoded = tokenizer.encode(" " + word, add_special_tokens=False).ids
-        if len(encoded) == 1:
+        if len(encoded) == 1 and tokenizer.decode(encoded).strip() == word:
             ids[word] = encoded[0]
     return ids
 
