@@ -6,7 +6,8 @@ The floor is what any EAP-IG implementation on this model must run: two plain fo
 corrupted) and m forward+backward passes (gradient of the metric w.r.t. the input embeddings) of the
 same jitted model on the same batch, plus the score contraction (Δ[N, B·T·D] times G[M, B·T·D]ᵀ). Each
 is timed at steady state (best of 3); the ratio is EAP-IG's steady-state time over the floor's sum. The PyTorch
-reference (hannamw/EAP-IG) took about 216 s for EAP-IG and 54 s for EAP on this machine class.
+reference (hannamw/EAP-IG) took about 216 s for EAP-IG and 54 s for EAP on a 2-core CPU machine of this
+class (the figures given when the work was specified; the reference is not run here).
 """
 
 from __future__ import annotations

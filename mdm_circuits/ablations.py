@@ -6,10 +6,10 @@ from __future__ import annotations
 from typing import Literal
 
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 from jaxtyping import Array, Float
 
-from mdm_circuits.batch import Batch
 
 AblationKind = Literal["corrupted", "zero", "mean", "mean_positional", "resample"]
 
@@ -20,8 +20,8 @@ class Ablation:
 
     kind: "corrupted" (the corrupted run, i.e. patching; the default), "zero", "mean" (each node's mean
       output over the examples and real positions of `fit`), "mean_positional" (its mean at each position),
-      or "resample" (the clean output of another example of the same batch: example i takes example
-      i − s's, with s = 1 + seed mod (batch size − 1)).
+      or "resample" (the clean output of another example of the dataset: example i takes example
+      (i − s) mod n's, s = 1 + seed mod (n − 1), so never its own).
     """
 
     kind: AblationKind = struct.field(pytree_node=False, default="corrupted")
@@ -40,9 +40,18 @@ class Ablation:
             mean = sums / jnp.maximum(counts, 1).astype(sums.dtype)[None, :, None]
         return self.replace(mean=mean)
 
-    def sources(self, clean: Float[Array, "B N T D"], corrupted: Float[Array, "B N T D"] | None,
-                batch: Batch) -> Float[Array, "B N T D"]:
-        """The ablation value of every node for every example of `batch`."""
+    def partners(self, n: int) -> np.ndarray | None:
+        """For "resample": the example each of the dataset's n examples takes its ablation from."""
+        if self.kind != "resample":
+            return None
+        if n < 2:
+            raise ValueError("resample ablation needs at least two examples")
+        return (np.arange(n) - (1 + self.seed % (n - 1))) % n
+
+    def sources(self, clean: Float[Array, "B N T D"], corrupted: Float[Array, "B N T D"],
+                partner: Float[Array, "B N T D"] | None = None) -> Float[Array, "B N T D"]:
+        """The ablation value of every node for every example; `partner` holds the clean outputs of each
+        example's resampling partner (for "resample")."""
         match self.kind:
             case "corrupted":
                 return corrupted
@@ -56,8 +65,7 @@ class Ablation:
                     raise ValueError(f"means were fitted on {self.mean.shape[1]} positions, the batch has {length}")
                 return jnp.broadcast_to(self.mean[None, :, :length].astype(clean.dtype), clean.shape)
             case "resample":
-                if batch.size < 2:
-                    raise ValueError("resample ablation needs at least two examples in a batch")
-                shift = 1 + self.seed % (batch.size - 1)  # never an example's own output
-                return jnp.roll(clean, shift, axis=0)
+                if partner is None:
+                    raise ValueError("resample ablation needs the partners' clean outputs")
+                return partner
         raise ValueError(f"unknown ablation kind {self.kind!r}")

@@ -16,7 +16,6 @@ steps run inside the program (a `lax.scan` over chunks of `step_chunk` vmapped s
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Callable, Literal
 
@@ -25,25 +24,17 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
+from mdm_circuits import gradients
 from mdm_circuits.ablations import Ablation
 from mdm_circuits.batch import Batch
-from mdm_circuits import gradients
 from mdm_circuits.gradients import PerStep, Summed, step_parts
-from mdm_circuits.graph import Graph, NodeKind, mlp
+from mdm_circuits.graph import Graph, NodeKind
 from mdm_circuits.interventions import Interventions, NodePatch, Probes, run
+from mdm_circuits.layers import accumulation_dtype
 from mdm_circuits.metrics import Metric
 from mdm_circuits.model import Transformer
 from mdm_circuits.patching import exact_edges
-from mdm_circuits.scoring import (
-    AttributionError,
-    Progress,
-    Scores,
-    batches_of,
-    check_metric,
-    fit_ablation,
-    plain_runs,
-    read_logits,
-)
+from mdm_circuits.scoring import AttributionError, Progress, Scores, fit_ablation, over_batches, plain_runs, read_logits
 
 Method = Literal["eap", "eap_ig_inputs", "eap_ig_activations", "exact"]
 Aggregation = Literal["sum", "mean"]
@@ -59,17 +50,18 @@ def _gradient_parts(model, metric, embeddings, example, clean_logits, nodes=None
                      keep_sources=False)
         return metric.loss(read_logits(model, result.final, example), example, clean_logits), result
 
-    zeros = Probes.zeros(model.config, embeddings.shape[0], jnp.float32)
+    zeros = Probes.zeros(model.config, embeddings.shape[0], accumulation_dtype(model.embedding.dtype))
     probe_gradients, result = jax.grad(loss, has_aux=True)(zeros)
     return step_parts(model, result, probe_gradients)
 
 
 def _weighted_differences(ablated, clean, batch, weights, aggregation):
     """Δ = ablated − clean at real positions, weighted per example (and by 1/length for 'mean')."""
-    scale = (weights[:, None] & batch.valid).astype(jnp.float32)
+    wide = accumulation_dtype(clean.dtype)
+    scale = (weights[:, None] & batch.valid).astype(wide)
     if aggregation == "mean":
-        scale = scale / batch.valid.sum(axis=1, keepdims=True).astype(jnp.float32)
-    return (ablated - clean).astype(jnp.float32) * scale[:, None, :, None]
+        scale = scale / batch.valid.sum(axis=1, keepdims=True).astype(wide)
+    return (ablated.astype(wide) - clean.astype(wide)) * scale[:, None, :, None]
 
 
 def _integrate(parts_at: Callable[[Array], tuple[Summed, PerStep]], steps: int,
@@ -107,13 +99,14 @@ def _scores(model, delta: Float[Array, "B R T D"], summed: Summed, per_step: Per
 
 
 @functools.partial(jax.jit, static_argnames=("metric", "method", "steps", "step_chunk", "aggregation"))
-def _attribute_batch(model, batch, weights, ablation, *, metric, method, steps, step_chunk, aggregation):
+def _attribute_batch(model, batch, weights, partners, ablation, *, metric, method, steps, step_chunk,
+                     aggregation):
     """Summed (weighted) edge scores of one batch, and the clean and corrupted metric values."""
-    clean, corrupted, clean_logits, clean_metric, corrupted_metric = plain_runs(model, metric, batch)
-    delta = _weighted_differences(ablation.sources(clean, corrupted, batch), clean, batch, weights, aggregation)
+    clean, ablated, clean_logits, clean_metric, corrupted_metric = plain_runs(model, metric, batch, ablation,
+                                                                              partners)
+    delta = _weighted_differences(ablated, clean, batch, weights, aggregation)
     clean_embeddings = jax.vmap(model.embed)(batch.clean)
     parts = jax.vmap(functools.partial(_gradient_parts, model, metric))
-    graph = Graph.for_model(model.config)
     if method == "eap":
         summed, per_step = parts(clean_embeddings, batch, clean_logits)
         scores = _scores(model, delta, summed, jax.tree.map(lambda leaf: leaf[:, None], per_step), 1)
@@ -127,20 +120,18 @@ def _attribute_batch(model, batch, weights, ablation, *, metric, method, steps, 
 
         summed, per_step = _integrate(functools.partial(_batched_points, parts, arguments_at), steps, step_chunk)
         scores = _scores(model, delta, summed, per_step, steps)
-    elif method == "eap_ig_activations":
-        scores = _activation_integrals(model, metric, batch, clean, corrupted, clean_logits, clean_embeddings,
-                                       delta, steps, step_chunk)
     else:
-        raise ValueError(f"unknown method {method!r}")
+        scores = _activation_integrals(model, metric, batch, clean, ablated, clean_logits, clean_embeddings,
+                                       delta, steps, step_chunk)
     return scores, clean_metric, corrupted_metric
 
 
-def _activation_integrals(model, metric, batch, clean, corrupted, clean_logits, clean_embeddings, delta,
+def _activation_integrals(model, metric, batch, clean, ablated, clean_logits, clean_embeddings, delta,
                           steps, step_chunk):
     """EAP-IG on activations: for each node group (the input, one layer's heads, one MLP), its outputs move
-    from corrupted to clean while everything else runs clean; the gradients of those runs, averaged over
-    the steps, score the edges leaving that group. (The reference instead pools the gradients of every
-    group's runs for every edge.)"""
+    from their ablation values to clean, α = k/m for k = 0..m−1, while everything else runs clean; the
+    gradients of those runs, averaged over the steps, score the edges leaving that group. The reference
+    instead takes α = k/m for k = 1..m and pools the gradients of every group's runs for every edge."""
     graph = Graph.for_model(model.config)
     h = model.config.n_heads
     groups, members = [], []
@@ -152,6 +143,7 @@ def _activation_integrals(model, metric, batch, clean, corrupted, clean_logits, 
         groups.append([first + i if i < size else first for i in range(h)])
         members.append([i < size for i in range(h)])
     groups, members = jnp.asarray(groups), jnp.asarray(members)
+    parts = jax.vmap(functools.partial(_gradient_parts, model, metric))
 
     def group_scores(group):
         rows, member = group
@@ -159,10 +151,9 @@ def _activation_integrals(model, metric, batch, clean, corrupted, clean_logits, 
         keep = jnp.broadcast_to(keep[None, :, None], clean.shape[:3])
 
         def arguments_at(alpha):
-            patch = NodePatch(keep, corrupted + alpha.astype(clean.dtype) * (clean - corrupted))
+            patch = NodePatch(keep, ablated + alpha.astype(clean.dtype) * (clean - ablated))
             return clean_embeddings, batch, clean_logits, patch
 
-        parts = jax.vmap(functools.partial(_gradient_parts, model, metric))
         summed, per_step = _integrate(functools.partial(_batched_points, parts, arguments_at), steps, step_chunk)
         in_group = member.astype(delta.dtype)[None, :, None, None]
         return _scores(model, delta[:, rows] * in_group, summed, per_step, steps)
@@ -192,19 +183,18 @@ def attribute(
       batch: clean/corrupted pairs (`batch.collate`); both runs share positions, padding and answers.
       metric: the task metric (see `metrics`); differentiated as a loss.
       method: "eap"; "eap_ig_inputs" (the default: input embeddings interpolated from corrupted to clean);
-        "eap_ig_activations" (each node group's outputs interpolated); "exact" (patch one edge at a time;
-        see `patching.exact_edges`, for small graphs).
+        "eap_ig_activations" (each node group's outputs interpolated from their ablation values); "exact"
+        (patch one edge at a time; see `patching.exact_edges`, for small graphs).
       steps: integration steps m (α = k/m, k = 0..m−1), as the reference's examples use 5.
       aggregation: "sum" over positions (the reference's default) or "mean" over each example's positions.
       ablation: what Δ is measured against: the corrupted run (patching) by default; "zero", "mean",
-        "mean_positional" or "resample" for EAP. EAP-IG on inputs interpolates towards the corrupted input,
-        so it takes the corrupted run only.
+        "mean_positional" or "resample". EAP-IG on inputs interpolates towards the corrupted input, so it
+        takes the corrupted run only.
       batch_size: examples per compiled program; scores are running sums over batches.
-      step_chunk: integration steps vmapped together (must divide `steps`); more is faster and uses more memory.
+      step_chunk: integration steps batched together (must divide `steps`); more is faster and uses more memory.
       progress: called with (examples done, examples in all).
     """
-    config = model.config
-    batch.check(config)
+    batch.check(model.config)
     if method == "exact":
         return exact_edges(model, batch, metric, ablation=ablation, batch_size=batch_size, progress=progress)
     if method not in ("eap", "eap_ig_inputs", "eap_ig_activations"):
@@ -212,29 +202,19 @@ def attribute(
     if method == "eap_ig_inputs" and ablation.kind != "corrupted":
         raise AttributionError("eap_ig_inputs interpolates to the corrupted input; use method='eap' for "
                                f"{ablation.kind} ablation")
-    if steps < 1 or steps % step_chunk:
-        raise AttributionError(f"steps ({steps}) must be positive and a multiple of step_chunk ({step_chunk})")
+    if steps < 1 or step_chunk < 1 or steps % step_chunk:
+        raise AttributionError(f"steps ({steps}) and step_chunk ({step_chunk}) must be positive, steps a multiple "
+                               f"of step_chunk")
     if aggregation not in ("sum", "mean"):
         raise AttributionError(f"aggregation must be 'sum' or 'mean', got {aggregation!r}")
     ablation = fit_ablation(model, batch, ablation, batch_size)
-    graph = Graph.for_model(config)
-    total = jnp.zeros((graph.n_sources, graph.n_destinations), jnp.float32)
-    clean_values, corrupted_values, done = [], [], 0
-    for part, weights in batches_of(batch, batch_size):
-        scores, clean_metric, corrupted_metric = _attribute_batch(
-            model, part, weights, ablation, metric=metric, method=method, steps=steps,
-            step_chunk=step_chunk, aggregation=aggregation)
-        n = int(weights.sum())
-        check_metric(np.asarray(clean_metric[:n]), "clean", done)
-        check_metric(np.asarray(corrupted_metric[:n]), "corrupted", done)
-        total += scores
-        clean_values.append(np.asarray(clean_metric[:n]))
-        corrupted_values.append(np.asarray(corrupted_metric[:n]))
-        done += n
-        if progress is not None:
-            progress(done, batch.size)
-    matrix = np.where(graph.edge_mask, np.asarray(total) / batch.size, 0).astype(np.float32)
+    program = functools.partial(_attribute_batch, model, metric=metric, method=method, steps=steps,
+                                step_chunk=step_chunk, aggregation=aggregation)
+    totals = over_batches(batch, batch_size, ablation,
+                          lambda part, weights, partners: program(part, weights, partners, ablation), progress)
+    graph = Graph.for_model(model.config)
+    matrix = np.where(graph.edge_mask, totals.mean, 0).astype(np.float32)
     if not np.isfinite(matrix).all():
         raise AttributionError("edge scores are not finite; the metric's gradient overflowed or is undefined")
-    return Scores(graph, matrix, method, None if method == "eap" else steps, batch.size,
-                  float(np.concatenate(clean_values).mean()), float(np.concatenate(corrupted_values).mean()))
+    return Scores(graph, matrix, method, None if method == "eap" else steps, batch.size, totals.clean_metric,
+                  totals.corrupted_metric)

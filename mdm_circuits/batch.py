@@ -29,11 +29,29 @@ class BatchError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Example:
+    """One clean/corrupted pair, posed to one kind of model (see `diffusion.View`).
+
+    clean, corrupted: token sequences of equal length.
+    answer_positions: where the answer's tokens go (the metric reads `config.read_position` of each).
+    correct, incorrect: per answer position, the candidate tokens the metric counts for and against; the
+      first candidate is the answer itself (the counterfactual for `incorrect`).
+    metric: the name of the metric the example is scored with (see `metrics.METRICS`).
+    accepted: the token sequences (one token per answer position) that count as solving the example when
+      the model generates its answer; by default the first correct candidate at every position.
+    """
+
     clean: Sequence[int]
     corrupted: Sequence[int]
     answer_positions: Sequence[int]
     correct: Sequence[Sequence[int]]
     incorrect: Sequence[Sequence[int]]
+    metric: str = "logit_difference"
+    accepted: Sequence[Sequence[int]] = ()
+
+    def solved_by(self, answer: Sequence[int]) -> bool:
+        """Whether generated answer tokens (one per answer position) solve the example."""
+        accepted = self.accepted or [[candidates[0] for candidates in self.correct]]
+        return tuple(answer) in {tuple(a) for a in accepted}
 
 
 @struct.dataclass
@@ -63,12 +81,11 @@ class Batch:
 
     def read_positions(self, config: ModelConfig) -> Int[Array, "B A"]:
         """Where the logits predicting each answer token are read (padded slots read position 0)."""
-        positions = self.answer_positions - (1 if config.logit_shift else 0)
-        return jnp.where(self.answer_mask, positions, 0)
+        return jnp.where(self.answer_mask, config.read_position(self.answer_positions), 0)
 
     def check(self, config: ModelConfig) -> None:
         """Raise if any example's answer is read outside its own tokens or a token is outside the vocabulary."""
-        positions = np.asarray(self.answer_positions) - (1 if config.logit_shift else 0)
+        positions = config.read_position(np.asarray(self.answer_positions))
         lengths = np.asarray(self.valid).sum(axis=1)
         bad = np.asarray(self.answer_mask) & ((positions < 0) | (positions >= lengths[:, None]))
         if bad.any():

@@ -29,7 +29,7 @@ from mdm_circuits.graph import Graph, NodeKind
 from mdm_circuits.interventions import EdgeWeights, Interventions, run
 from mdm_circuits.metrics import Metric
 from mdm_circuits.model import Transformer
-from mdm_circuits.scoring import Progress, Scores, batches_of, check_metric, fit_ablation, plain_runs, read_logits
+from mdm_circuits.scoring import Progress, Scores, chunked, fit_ablation, over_batches, plain_runs, read_logits
 
 
 class CircuitError(ValueError):
@@ -67,10 +67,11 @@ def greedy(graph: Graph, scores: np.ndarray, k: int, *, absolute: bool = True) -
     circuit = np.zeros_like(graph.edge_mask)
     heap = [(-values[sources[e], destinations[e]], e) for e in incoming["logits"]]
     heapq.heapify(heap)
-    reached = set()
-    while heap and circuit.sum() < k:
+    reached, size = set(), 0
+    while heap and size < k:
         _, edge = heapq.heappop(heap)
         circuit[sources[edge], destinations[edge]] = True
+        size += 1
         parent = int(sources[edge])
         if parent not in reached:
             reached.add(parent)
@@ -114,10 +115,9 @@ class Evaluation:
 
 
 @functools.partial(jax.jit, static_argnames=("metric",))
-def _circuit_metrics(model, batch, weights, ablation, circuit_chunks, *, metric):
-    """Σ_examples weight · metric for every circuit in `circuit_chunks[n, c, N, M]`, and the clean metric."""
-    clean, corrupted, clean_logits, clean_metric, _ = plain_runs(model, metric, batch)
-    ablated = ablation.sources(clean, corrupted, batch)
+def _circuit_metrics(model, batch, weights, partners, ablation, circuit_chunks, *, metric):
+    """Σ_examples weight · metric for every circuit in `circuit_chunks[n, c, N, M]`, and both baselines' values."""
+    _, ablated, clean_logits, clean_metric, corrupted_metric = plain_runs(model, metric, batch, ablation, partners)
 
     def one_circuit(circuit):
         def one_example(example, ablation_sources, logits):
@@ -127,9 +127,8 @@ def _circuit_metrics(model, batch, weights, ablation, circuit_chunks, *, metric)
 
         return jax.vmap(one_example)(batch, ablated, clean_logits)
 
-    values = jax.lax.map(jax.vmap(one_circuit), circuit_chunks)
-    values = values.reshape(-1, batch.size)
-    return values @ weights.astype(values.dtype), clean_metric
+    values = jax.lax.map(jax.vmap(one_circuit), circuit_chunks).reshape(-1, batch.size)
+    return values @ weights.astype(values.dtype), clean_metric, corrupted_metric
 
 
 def evaluate(model: Transformer, batch: Batch, circuits: np.ndarray, metric: Metric, *,
@@ -145,20 +144,11 @@ def evaluate(model: Transformer, batch: Batch, circuits: np.ndarray, metric: Met
     batch.check(model.config)
     ablation = fit_ablation(model, batch, ablation, batch_size)
     with_empty = np.concatenate([circuits & graph.edge_mask, np.zeros_like(circuits[:1])])
-    padded = np.concatenate([with_empty, np.repeat(with_empty[:1], -len(with_empty) % chunk, axis=0)])
-    chunks = jnp.asarray(padded.reshape(-1, chunk, *graph.edge_mask.shape))
-    totals, clean_total, done = 0.0, 0.0, 0
-    for part, weights in batches_of(batch, batch_size):
-        values, clean_metric = _circuit_metrics(model, part, weights, ablation, chunks, metric=metric)
-        n = int(weights.sum())
-        check_metric(np.asarray(clean_metric[:n]), "clean", done)
-        totals = totals + np.asarray(values[: len(with_empty)], np.float64)
-        clean_total += float(np.asarray(clean_metric[:n], np.float64).sum())
-        done += n
-        if progress is not None:
-            progress(done, batch.size)
-    means = totals / batch.size
-    return Evaluation(means[:-1], clean_total / batch.size, float(means[-1]))
+    chunks = chunked(with_empty, chunk)
+    totals = over_batches(batch, batch_size, ablation, lambda part, weights, partners: _circuit_metrics(
+        model, part, weights, partners, ablation, chunks, metric=metric), progress)
+    means = totals.mean[: len(with_empty)]
+    return Evaluation(means[:-1], totals.clean_metric, float(means[-1]))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,6 +19,7 @@ from mdm_circuits.batch import BatchError, collate
 from mdm_circuits.checkpoint import CheckpointError
 from mdm_circuits.circuits import CircuitError, faithfulness_curve, smallest_faithful
 from mdm_circuits.config import ConfigError, ModelConfig
+from mdm_circuits.diffusion import View
 from mdm_circuits.graph import Graph, GraphError, NodeKind
 from mdm_circuits.model import with_config
 from mdm_circuits.planning import plan
@@ -134,7 +135,7 @@ def _find_circuit(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: {args.model} has no tokenizer.json; the task needs one to build its prompts")
     config, task = model.config, TASKS[args.task]
     examples = task.examples(tokenizer, args.n, seed=args.seed, max_length=args.max_length,
-                             mask_token_id=config.mask_token_id if config.is_mdm else None)
+                             view=View.for_model(config))
     batch = collate(examples)
     graph = Graph.for_model(config)
     print(f"{batch.size} {args.task} pairs of up to {batch.clean.shape[1]} tokens "
@@ -147,13 +148,13 @@ def _find_circuit(args: argparse.Namespace) -> None:
           f"corrupted {scores.corrupted_metric:.3f}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    scores.to_json(out / "scores.json", d_model=config.d_model)
+    scores.to_json(out / "scores.json")
     importance = scores.node_importance()
     heads = sorted((i for i, node in enumerate(graph.sources) if node.kind == NodeKind.HEAD),
                    key=lambda i: -importance[i])[: args.top_heads]
     print(f"top {args.top_heads} heads by summed |score| of their edges: "
           + ", ".join(f"{graph.sources[i].name} ({importance[i]:.3g})" for i in heads))
-    ks = sorted({min(int(k), graph.n_edges) for k in args.ks.split(",")})
+    ks = sorted({min(k, graph.n_edges) for k in args.ks})
     curve = faithfulness_curve(model, batch, scores, task.METRIC, ks, batch_size=args.batch_size,
                                progress=_progress("evaluated"))
     print(f"faithfulness of the top-K circuit (clean {curve.evaluation.clean_metric:.3f}, "
@@ -166,7 +167,7 @@ def _find_circuit(args: argparse.Namespace) -> None:
     if args.tau is not None:
         k, circuit, value = smallest_faithful(model, batch, scores, task.METRIC, args.tau,
                                               batch_size=args.batch_size)
-        graph.to_json(out / "circuit.json", scores=scores.matrix, circuit=circuit, d_model=config.d_model)
+        graph.to_json(out / "circuit.json", scores.matrix, circuit)
         print(f"smallest top-K circuit reaching faithfulness {args.tau}: K = {k:,} ({value:.3f})")
     print(f"wrote {', '.join(sorted(p.name for p in out.glob('*.json')))} to {out}")
 
@@ -179,6 +180,20 @@ def _config_from_path(path: Path, ignore_fields: list[str]) -> ModelConfig:
         raise SystemExit(f"error: {path} is neither a preset, a saved model nor a Hugging Face config.json")
     return config_from_hf(json.loads(config_file.read_text()), source=str(config_file),
                           ignore_fields=tuple(ignore_fields))[0]
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _sizes(text: str) -> list[int]:
+    try:
+        return sorted({_positive(part) for part in text.split(",")})
+    except (ValueError, argparse.ArgumentTypeError) as error:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}") from error
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -224,16 +239,17 @@ def build_parser() -> argparse.ArgumentParser:
     find = commands.add_parser("find-circuit", help="attribute a task's edges, evaluate top-K circuits, save JSON")
     find.add_argument("model", help="directory written by `mdm-circuits convert`")
     find.add_argument("--task", default="ioi", choices=sorted(TASKS))
-    find.add_argument("--n", type=int, default=32, help="number of clean/corrupted pairs")
+    find.add_argument("--n", type=_positive, default=32, help="number of clean/corrupted pairs")
     find.add_argument("--seed", type=int, default=0)
     find.add_argument("--max-length", type=int, help="leave out prompts longer than this many tokens")
     find.add_argument("--method", default="eap_ig_inputs", choices=["eap", "eap_ig_inputs", "eap_ig_activations",
                                                                     "exact"])
-    find.add_argument("--steps", type=int, default=5, help="integration steps of EAP-IG")
-    find.add_argument("--batch-size", type=int, default=32)
-    find.add_argument("--ks", default="10,100,1000,10000", help="comma-separated circuit sizes to evaluate")
+    find.add_argument("--steps", type=_positive, default=5, help="integration steps of EAP-IG")
+    find.add_argument("--batch-size", type=_positive, default=32)
+    find.add_argument("--ks", type=_sizes, default=[10, 100, 1000, 10000],
+                      help="comma-separated circuit sizes to evaluate (default 10,100,1000,10000)")
     find.add_argument("--tau", type=float, help="also find the smallest top-K circuit reaching this faithfulness")
-    find.add_argument("--top-heads", type=int, default=10)
+    find.add_argument("--top-heads", type=_positive, default=10)
     find.add_argument("--out", default="out/circuit", help="directory for scores.json, curve.json, circuit.json")
     find.set_defaults(run=_find_circuit)
     return parser

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from mdm_circuits.interventions import Probes, Run
+from mdm_circuits.layers import accumulation_dtype
 from mdm_circuits.model import Transformer
 
 
@@ -51,18 +52,18 @@ def _biases(model: Transformer) -> Float[Array, "L 3 H E"] | None:
 
 def step_parts(model: Transformer, result: Run, gradients: Probes) -> tuple[Summed, PerStep]:
     """Split one run's probe gradients into what is summed over steps and what is kept per step."""
-    x = result.attention_inputs.astype(jnp.float32)                              # [L, T, D]
-    eps = jnp.array([block.attn_norm.eps for block in model.blocks], jnp.float32)
+    wide = accumulation_dtype(result.attention_inputs.dtype)
+    x = result.attention_inputs.astype(wide)                                     # [L, T, D]
+    eps = jnp.array([block.attn_norm.eps for block in model.blocks], wide)
     r = jnp.sqrt(jnp.mean(jnp.square(x), axis=-1) + eps[:, None])               # [L, T]
-    g = jnp.stack([gradients.q, gradients.k, gradients.v], axis=1).astype(jnp.float32)  # [L, 3, T, H, E]
-    projected = result.qkv.astype(jnp.float32)
+    g = jnp.stack([gradients.q, gradients.k, gradients.v], axis=1).astype(wide)  # [L, 3, T, H, E]
+    projected = result.qkv.astype(wide)
     biases = _biases(model)
     if biases is not None:
-        projected = projected - biases[:, :, None].astype(jnp.float32)
+        projected = projected - biases[:, :, None].astype(wide)
     d = x.shape[-1]
     factor = jnp.einsum("lpthe,lpthe->lpht", projected, g) / (d * r[:, None, None, :])
-    summed = Summed(g / r[:, None, :, None, None], gradients.mlp.astype(jnp.float32),
-                    gradients.logits.astype(jnp.float32))
+    summed = Summed(g / r[:, None, :, None, None], gradients.mlp.astype(wide), gradients.logits.astype(wide))
     return summed, PerStep(x / r[..., None], factor)
 
 
@@ -77,8 +78,9 @@ def scores(model: Transformer, delta: Float[Array, "R B T D"], summed: Summed, p
     """
     attn = [block.attn for block in model.blocks]
     weights = jnp.stack([jnp.stack([a.w_q[...], a.expand_kv(a.w_k[...]), a.expand_kv(a.w_v[...])]) for a in attn])
-    norm_scales = jnp.stack([block.attn_norm.scale[...] for block in model.blocks]).astype(jnp.float32)
-    scaled_weights = weights.astype(jnp.float32) * norm_scales[:, None, :, None, None]      # [L, 3, D, H, E]
+    wide = summed.heads.dtype
+    norm_scales = jnp.stack([block.attn_norm.scale[...] for block in model.blocks]).astype(wide)
+    scaled_weights = weights.astype(wide) * norm_scales[:, None, :, None, None]             # [L, 3, D, H, E]
     rows = delta.reshape(delta.shape[0], -1)                                                # [R, B·T·D]
     projected_back = jnp.einsum("blpthe,lpdhe->lphbtd", summed.heads, scaled_weights)
     n_layers, _, n_heads = projected_back.shape[:3]

@@ -89,12 +89,16 @@ class GraphError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Graph:
+    """The graph of a model with `n_layers` blocks of `n_heads` heads (`d_model` only goes into JSON files,
+    where the reference reads it)."""
+
     n_layers: int
     n_heads: int
+    d_model: int | None = dataclasses.field(default=None, compare=False)
 
     @classmethod
     def for_model(cls, config) -> Graph:
-        return cls(config.n_layers, config.n_heads)
+        return cls(config.n_layers, config.n_heads, config.d_model)
 
     # ---- sizes and indices ----
 
@@ -108,7 +112,10 @@ class Graph:
 
     @property
     def n_edges(self) -> int:
-        return len(self.edges)
+        """Σ_l [3H (1 + l(H+1)) + (1 + l(H+1) + H)] + 1 + L(H+1), without enumerating the edges."""
+        h = self.n_heads
+        per_layer = sum(3 * h * (1 + l * (h + 1)) + (1 + l * (h + 1) + h) for l in range(self.n_layers))
+        return per_layer + self.n_sources
 
     def source_index(self, node: Node) -> int:
         stride = self.n_heads + 1
@@ -217,26 +224,31 @@ class Graph:
 
     # ---- JSON in the reference's naming ----
 
-    def to_json(self, path: str | Path, scores: np.ndarray | None = None, circuit: np.ndarray | None = None,
-                d_model: int | None = None) -> None:
-        """Write scores and/or a circuit as the reference's `Graph.to_json` does."""
-        scores = None if scores is None else self.edge_vector(scores)
+    def to_json(self, path: str | Path, scores: np.ndarray, circuit: np.ndarray | None = None) -> None:
+        """Write scores (and a circuit, else no edge is in it) in the reference's `Graph.to_json` format."""
+        if self.d_model is None:
+            raise GraphError("the reference's JSON format records d_model; build the graph with Graph.for_model")
+        scores = self.edge_vector(scores)
         in_graph = np.zeros(self.n_edges, bool) if circuit is None else self.edge_vector(circuit)
         nodes_in = nodes_in_circuit(self, circuit) if circuit is not None else set()
         document = {
             "cfg": {"n_layers": self.n_layers, "n_heads": self.n_heads, "parallel_attn_mlp": False,
-                    "d_model": d_model},
+                    "d_model": self.d_model},
             "nodes": {node.name: {"in_graph": node in nodes_in or node == LOGITS} for node in self.nodes},
-            "edges": {edge.name: {"score": None if scores is None else float(scores[i]),
-                                  "in_graph": bool(in_graph[i])} for i, edge in enumerate(self.edges)},
+            "edges": {edge.name: {"score": float(scores[i]), "in_graph": bool(in_graph[i])}
+                      for i, edge in enumerate(self.edges)},
         }
         Path(path).write_text(json.dumps(document))
 
     def from_json(self, path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         """Read (scores, circuit) matrices from a reference-format JSON file written for this graph."""
-        document = json.loads(Path(path).read_text())
-        if not isinstance(document, dict) or not {"cfg", "edges"} <= set(document):
-            raise GraphError(f"{path}: not an EAP-IG graph file (needs 'cfg' and 'edges')")
+        try:
+            document = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as error:
+            raise GraphError(f"{path}: not JSON ({error})") from error
+        if not isinstance(document, dict) or not isinstance(document.get("cfg"), dict) or not isinstance(
+                document.get("edges"), dict):
+            raise GraphError(f"{path}: not an EAP-IG graph file (needs a 'cfg' and an 'edges' object)")
         cfg = document["cfg"]
         shape = (cfg.get("n_layers"), cfg.get("n_heads"))
         if shape != (self.n_layers, self.n_heads) or cfg.get("parallel_attn_mlp", False):
@@ -249,9 +261,12 @@ class Graph:
         if missing or unknown:
             raise GraphError(f"{path}: edges do not match this graph ({len(missing)} missing, e.g. "
                              f"{sorted(missing)[:3]}; {len(unknown)} unknown, e.g. {sorted(unknown)[:3]})")
-        scores = np.array([np.nan if edges[n]["score"] is None else edges[n]["score"] for n in names],
-                          dtype=np.float32)
-        in_graph = np.array([bool(edges[n]["in_graph"]) for n in names])
+        try:
+            scores = np.array([np.nan if edges[n].get("score") is None else edges[n]["score"] for n in names],
+                              dtype=np.float32)
+            in_graph = np.array([bool(edges[n].get("in_graph", False)) for n in names])
+        except (AttributeError, TypeError, ValueError) as error:
+            raise GraphError(f"{path}: an edge entry is not {{'score': number, 'in_graph': bool}} ({error})") from error
         return self.edge_matrix(scores, fill=np.float32(0)), self.edge_matrix(in_graph, fill=False)
 
 

@@ -112,19 +112,21 @@ def _patch_residual(x: Array, patch: ResidualPatch | None, row: int) -> Array:
 class _EdgeInputs:
     """Destination inputs under edge weights: Σ_u w·out_u(this run) + (1 − w)·ablation_u over the edges.
 
-    The ablation part is fixed before the run, for every destination at once (one product); each layer
-    then adds one product of its columns' weights with the outputs of the run so far."""
+    Non-edges weigh nothing, so each call is two products over the sources: the run's outputs so far, and
+    the ablation values."""
 
     def __init__(self, edges: EdgeWeights, edge_mask, dtype):
         mask = jnp.asarray(edge_mask, dtype)
         weight = edges.weight.astype(dtype)
-        self.kept = weight * mask
-        self.ablated = jnp.einsum("um,utd->mtd", (1 - weight) * mask, edges.ablation.astype(dtype))
+        self.kept, self.dropped = weight * mask, (1 - weight) * mask
+        self.ablation = edges.ablation.astype(dtype)
 
-    def __call__(self, current: Array, columns: slice) -> Array:
-        """Inputs of destinations `columns`, which read the first U sources; `current[U, T, D]` holds this
-        run's outputs of those sources."""
-        return self.ablated[columns] + jnp.einsum("uc,utd->ctd", self.kept[: current.shape[0], columns], current)
+    def __call__(self, sources: list[Array], columns: slice) -> Array:
+        """Inputs of destinations `columns`, given this run's outputs of the first U sources (which are all
+        a destination of these columns can read)."""
+        current = jnp.concatenate(sources)
+        return (jnp.einsum("uc,utd->ctd", self.dropped[:, columns], self.ablation)
+                + jnp.einsum("uc,utd->ctd", self.kept[: current.shape[0], columns], current))
 
 
 def run(
@@ -168,8 +170,7 @@ def run(
         else:
             first_query = graph.destination_index(head(layer, 0), Port.Q)
             columns = slice(first_query, first_query + 3 * h)
-            current = jnp.concatenate(sources)
-            inputs = edge_inputs(current, columns).reshape(3, h, n, -1)
+            inputs = edge_inputs(sources, columns).reshape(3, h, n, -1)
             q, k, v = block.attn.project_per_head(*jax.vmap(jax.vmap(block.attn_norm))(inputs))
         z = block.attn.attend(q, k, v, mask=mask, rope=rope)
         if per_head:
@@ -185,7 +186,7 @@ def run(
                 mlp_in = mlp_in + probes.mlp[layer].astype(mlp_in.dtype)
         else:
             mlp_column = graph.destination_index(mlp(layer))
-            mlp_in = edge_inputs(jnp.concatenate([current, head_out]), slice(mlp_column, mlp_column + 1))[0]
+            mlp_in = edge_inputs(sources, slice(mlp_column, mlp_column + 1))[0]
         mlp_out = _patch(block.mlp(block.mlp_norm(mlp_in))[None], nodes, first_head + h)
         sources.append(mlp_out)
         residual = residual + mlp_out[0]
@@ -195,6 +196,6 @@ def run(
         if probes is not None:
             final = final + probes.logits.astype(final.dtype)
     else:
-        final = edge_inputs(jnp.concatenate(sources), slice(graph.n_destinations - 1, graph.n_destinations))[0]
+        final = edge_inputs(sources, slice(graph.n_destinations - 1, graph.n_destinations))[0]
     return Run(jnp.concatenate(sources) if keep_sources else None, jnp.stack(attention_inputs), final,
                jnp.stack(probed) if probed else None)

@@ -22,24 +22,24 @@ from mdm_circuits.graph import Graph, Node
 from mdm_circuits.interventions import EdgeWeights, Interventions, NodePatch, run
 from mdm_circuits.metrics import Metric
 from mdm_circuits.model import Transformer
-from mdm_circuits.scoring import Progress, Scores, batches_of, check_metric, fit_ablation, plain_runs, read_logits
-
-
-def _chunked(indices: np.ndarray, chunk: int) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """Indices padded to a multiple of `chunk` (with copies of the first) and reshaped to [n_chunks, chunk]."""
-    padded = np.concatenate([indices, np.repeat(indices[:1], -len(indices) % chunk, axis=0)])
-    return jnp.asarray(padded.reshape(-1, chunk, *indices.shape[1:]))
+from mdm_circuits.scoring import Progress, Scores, chunked, fit_ablation, over_batches, plain_runs, read_logits
 
 
 def _loss(model, metric, result, example, clean_logits):
     return metric.loss(read_logits(model, result.final, example), example, clean_logits)
 
 
+def _effects(model, metric, batch, weights, clean_logits, clean_metric, one_patch, patch_chunks):
+    """Σ_examples weight · (L patched − L clean), for every patch in `patch_chunks[n, c, ...]`."""
+    losses = jax.lax.map(jax.vmap(one_patch), patch_chunks).reshape(-1, batch.size)
+    clean_loss = jax.vmap(metric.loss)(clean_logits, batch, clean_logits)
+    return (losses - clean_loss[None]) @ weights.astype(losses.dtype)
+
+
 @functools.partial(jax.jit, static_argnames=("metric",))
-def _edge_effects(model, batch, weights, ablation, edge_chunks, *, metric):
-    """Σ_examples weight · (L with edge e ablated − L clean), for every edge in `edge_chunks[n, c, 2]`."""
-    clean, corrupted, clean_logits, clean_metric, corrupted_metric = plain_runs(model, metric, batch)
-    ablated = ablation.sources(clean, corrupted, batch)
+def _edge_effects(model, batch, weights, partners, ablation, edge_chunks, *, metric):
+    """Effects of ablating each edge of `edge_chunks[n, c, 2]` (source, destination) alone."""
+    _, ablated, clean_logits, clean_metric, corrupted_metric = plain_runs(model, metric, batch, ablation, partners)
     graph = Graph.for_model(model.config)
     full = jnp.ones((graph.n_sources, graph.n_destinations))
 
@@ -47,40 +47,28 @@ def _edge_effects(model, batch, weights, ablation, edge_chunks, *, metric):
         weight = full.at[edge[0], edge[1]].set(0.0)
 
         def one_example(example, ablation_sources, logits):
-            edges = EdgeWeights(weight, ablation_sources)
-            result = run(model, model.embed(example.clean), Interventions(edges=edges), valid=example.valid)
+            result = run(model, model.embed(example.clean),
+                         Interventions(edges=EdgeWeights(weight, ablation_sources)), valid=example.valid)
             return _loss(model, metric, result, example, logits)
 
         return jax.vmap(one_example)(batch, ablated, clean_logits)
 
-    losses = jax.lax.map(jax.vmap(one_edge), edge_chunks).reshape(-1, batch.size)
-    clean_loss = -clean_metric if metric.higher_is_better else clean_metric
-    return (losses - clean_loss[None]) @ weights.astype(losses.dtype), clean_metric, corrupted_metric
+    effects = _effects(model, metric, batch, weights, clean_logits, clean_metric, one_edge, edge_chunks)
+    return effects, clean_metric, corrupted_metric
 
 
 def exact_edges(model: Transformer, batch: Batch, metric: Metric, *, ablation: Ablation = Ablation(),
                 batch_size: int = 32, edge_chunk: int = 64, progress: Progress | None = None) -> Scores:
     """Exact edge scores: each edge ablated alone (its destination reads the ablation value from it)."""
+    batch.check(model.config)
     ablation = fit_ablation(model, batch, ablation, batch_size)
     graph = Graph.for_model(model.config)
     edges = np.stack(graph.edge_indices, axis=1)
-    chunks = _chunked(edges, edge_chunk)
-    total = np.zeros(len(edges), np.float64)
-    clean_values, corrupted_values, done = [], [], 0
-    for part, weights in batches_of(batch, batch_size):
-        effects, clean_metric, corrupted_metric = _edge_effects(model, part, weights, ablation, chunks,
-                                                               metric=metric)
-        n = int(weights.sum())
-        check_metric(np.asarray(clean_metric[:n]), "clean", done)
-        total += np.asarray(effects[: len(edges)], np.float64)
-        clean_values.append(np.asarray(clean_metric[:n]))
-        corrupted_values.append(np.asarray(corrupted_metric[:n]))
-        done += n
-        if progress is not None:
-            progress(done, batch.size)
-    matrix = graph.edge_matrix((total / batch.size).astype(np.float32))
-    return Scores(graph, matrix, "exact", None, batch.size, float(np.concatenate(clean_values).mean()),
-                  float(np.concatenate(corrupted_values).mean()))
+    chunks = chunked(edges, edge_chunk)
+    totals = over_batches(batch, batch_size, ablation, lambda part, weights, partners: _edge_effects(
+        model, part, weights, partners, ablation, chunks, metric=metric), progress)
+    matrix = graph.edge_matrix(totals.mean[: len(edges)].astype(np.float32))
+    return Scores(graph, matrix, "exact", None, batch.size, totals.clean_metric, totals.corrupted_metric)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,11 +88,11 @@ class NodeEffects:
 
 
 @functools.partial(jax.jit, static_argnames=("metric",))
-def _node_effects(model, batch, weights, ablation, patch_chunks, *, metric):
-    """Σ_examples weight · (L with the patch applied − L clean), for patches `[n, c, 2]` = (source, position),
-    position −1 meaning every position."""
-    clean, corrupted, clean_logits, clean_metric, _ = plain_runs(model, metric, batch)
-    ablated = ablation.sources(clean, corrupted, batch)
+def _node_effects(model, batch, weights, partners, ablation, patch_chunks, *, metric):
+    """Effects of each patch of `patch_chunks[n, c, 2]` = (source, position), position −1 meaning every
+    position."""
+    clean, ablated, clean_logits, clean_metric, corrupted_metric = plain_runs(model, metric, batch, ablation,
+                                                                              partners)
     n_sources, length = clean.shape[1], clean.shape[2]
 
     def one_patch(patch):
@@ -120,9 +108,8 @@ def _node_effects(model, batch, weights, ablation, patch_chunks, *, metric):
 
         return jax.vmap(one_example)(batch, ablated, clean_logits)
 
-    losses = jax.lax.map(jax.vmap(one_patch), patch_chunks).reshape(-1, batch.size)
-    clean_loss = -clean_metric if metric.higher_is_better else clean_metric
-    return (losses - clean_loss[None]) @ weights.astype(losses.dtype), clean_metric
+    effects = _effects(model, metric, batch, weights, clean_logits, clean_metric, one_patch, patch_chunks)
+    return effects, clean_metric, corrupted_metric
 
 
 def patch_nodes(model: Transformer, batch: Batch, metric: Metric, *, nodes: Sequence[Node] | None = None,
@@ -138,20 +125,10 @@ def patch_nodes(model: Transformer, batch: Batch, metric: Metric, *, nodes: Sequ
     ablation = fit_ablation(model, batch, ablation, batch_size)
     graph = Graph.for_model(model.config)
     nodes = tuple(graph.sources if nodes is None else nodes)
-    length = batch.clean.shape[1]
-    positions = range(length) if per_position else (-1,)
+    positions = range(batch.clean.shape[1]) if per_position else (-1,)
     patches = np.array([(graph.source_index(node), t) for node in nodes for t in positions], np.int32)
-    chunks = _chunked(patches, chunk)
-    total, clean_values, done = np.zeros(len(patches)), [], 0
-    for part, weights in batches_of(batch, batch_size):
-        effects, clean_metric = _node_effects(model, part, weights, ablation, chunks, metric=metric)
-        n = int(weights.sum())
-        check_metric(np.asarray(clean_metric[:n]), "clean", done)
-        total += np.asarray(effects[: len(patches)], np.float64)
-        clean_values.append(np.asarray(clean_metric[:n]))
-        done += n
-        if progress is not None:
-            progress(done, batch.size)
-    values = (total / batch.size).reshape(len(nodes), -1)
-    return NodeEffects(nodes, values if per_position else values[:, 0], per_position,
-                       float(np.concatenate(clean_values).mean()))
+    chunks = chunked(patches, chunk)
+    totals = over_batches(batch, batch_size, ablation, lambda part, weights, partners: _node_effects(
+        model, part, weights, partners, ablation, chunks, metric=metric), progress)
+    values = totals.mean[: len(patches)].reshape(len(nodes), -1)
+    return NodeEffects(nodes, values if per_position else values[:, 0], per_position, totals.clean_metric)

@@ -41,8 +41,9 @@ class Scores:
         """One score per edge, in the graph's edge order."""
         return self.graph.edge_vector(self.matrix)
 
-    def to_json(self, path, d_model: int | None = None) -> None:
-        self.graph.to_json(path, scores=self.matrix, d_model=d_model)
+    def to_json(self, path) -> None:
+        """The scores in the reference's JSON format (edge names, `cfg` with d_model)."""
+        self.graph.to_json(path, self.matrix)
 
     def node_importance(self, k: int | None = None, absolute: bool = True) -> np.ndarray:
         """s(v) for every source node: the sum of the scores (absolute by default) of the edges entering or
@@ -63,8 +64,9 @@ def read_logits(model: Transformer, final: Float[Array, "T D"], example: Batch) 
     return model.unembed(final[example.read_positions(model.config)])
 
 
-def plain_runs(model, metric, batch):
-    """Clean and corrupted runs of every example: node outputs, clean answer logits, both metric values."""
+def plain_runs(model, metric, batch, ablation: Ablation, partners: Batch | None = None):
+    """Clean and corrupted runs of every example: the clean node outputs, their ablation values, the clean
+    answer logits and both metric values. `partners` holds each example's resampling partner."""
     def one(example):
         clean = run(model, model.embed(example.clean), valid=example.valid)
         corrupted = run(model, model.embed(example.corrupted), valid=example.valid)
@@ -73,18 +75,21 @@ def plain_runs(model, metric, batch):
         return (clean.sources, corrupted.sources, clean_logits, metric(clean_logits, example, clean_logits),
                 metric(corrupted_logits, example, clean_logits))
 
-    return jax.vmap(one)(batch)
+    clean, corrupted, clean_logits, clean_metric, corrupted_metric = jax.vmap(one)(batch)
+    partner = None if partners is None else jax.vmap(
+        lambda e: run(model, model.embed(e.clean), valid=e.valid).sources)(partners)
+    return clean, ablation.sources(clean, corrupted, partner), clean_logits, clean_metric, corrupted_metric
 
 
-def batches_of(batch: Batch, batch_size: int):
-    """Split into slices of `batch_size`, padding the last with copies of its first example at weight 0,
-    so every slice has one shape and the program compiles once."""
+def _slices(batch: Batch, batch_size: int):
+    """(start, slice) of `batch_size` examples, the last padded with copies of its first example, so every
+    slice has one shape and a program compiles once."""
     for start in range(0, batch.size, batch_size):
         part = batch[start: start + batch_size]
-        n = part.size
-        if n < batch_size and batch.size > batch_size:
-            part = jax.tree.map(lambda a: jnp.concatenate([a, jnp.repeat(a[:1], batch_size - n, 0)]), part)
-        yield part, jnp.arange(part.size) < n
+        if part.size < batch_size and batch.size > batch_size:
+            part = jax.tree.map(lambda a: jnp.concatenate([a, jnp.repeat(a[:1], batch_size - a.shape[0], 0)]),
+                                part)
+        yield start, part
 
 
 def check_metric(values: np.ndarray, what: str, offset: int = 0) -> None:
@@ -95,14 +100,64 @@ def check_metric(values: np.ndarray, what: str, offset: int = 0) -> None:
             f"the answer tokens and positions (a token outside the vocabulary, or a probability of zero)")
 
 
+@dataclasses.dataclass(frozen=True)
+class Totals:
+    """A per-batch program's results averaged over the dataset, with the mean clean and corrupted metrics."""
+
+    mean: np.ndarray
+    clean_metric: float
+    corrupted_metric: float
+
+
+def over_batches(batch: Batch, batch_size: int, ablation: Ablation, program: Callable,
+                 progress: Progress | None = None) -> Totals:
+    """Run `program(part, weights, partners)` over the dataset in slices of `batch_size`.
+
+    The program returns (a sum over the slice's examples weighted by `weights`, which are 0 for padding
+    copies; the clean metric per example; the corrupted metric per example). Sums are added up over the
+    slices and divided by the number of examples; non-finite metrics are refused, naming the examples.
+    """
+    if batch_size < 1:
+        raise AttributionError(f"batch_size must be positive, got {batch_size}")
+    partner_index = ablation.partners(batch.size)
+    total, clean, corrupted = 0.0, [], []
+    for start, part in _slices(batch, batch_size):
+        n = min(batch_size, batch.size - start)
+        partners = None
+        if partner_index is not None:
+            rows = partner_index[start: start + batch_size]
+            partners = batch[np.concatenate([rows, np.repeat(rows[:1], part.size - len(rows))])]
+        summed, clean_metric, corrupted_metric = program(part, jnp.arange(part.size) < n, partners)
+        check_metric(np.asarray(clean_metric[:n]), "clean", start)
+        check_metric(np.asarray(corrupted_metric[:n]), "corrupted", start)
+        total = total + np.asarray(summed, np.float64)
+        clean.append(np.asarray(clean_metric[:n], np.float64))
+        corrupted.append(np.asarray(corrupted_metric[:n], np.float64))
+        if progress is not None:
+            progress(start + n, batch.size)
+    return Totals(total / batch.size, float(np.concatenate(clean).mean()), float(np.concatenate(corrupted).mean()))
+
+
 def fit_ablation(model: Transformer, batch: Batch, ablation: Ablation, batch_size: int) -> Ablation:
     """Fix the means of a mean ablation from the clean runs of `batch`."""
     if not ablation.needs_fit():
         return ablation
+    if batch_size < 1:
+        raise AttributionError(f"batch_size must be positive, got {batch_size}")
     sums, counts = 0.0, 0.0
-    for part, weights in batches_of(batch, batch_size):
+    for start, part in _slices(batch, batch_size):
+        weights = jnp.arange(part.size) < min(batch_size, batch.size - start)
         sources = jax.vmap(lambda e: run(model, model.embed(e.clean), valid=e.valid).sources)(part)
         real = (part.valid & weights[:, None]).astype(jnp.float32)
         sums = sums + jnp.einsum("bntd,bt->ntd", sources.astype(jnp.float32), real)
         counts = counts + real.sum(0)
     return ablation.fit(sums, counts)
+
+
+def chunked(rows: np.ndarray, chunk: int) -> jnp.ndarray:
+    """Rows padded to a multiple of `chunk` (with copies of the first) and reshaped to [n_chunks, chunk, ...],
+    for `lax.map` over chunks of vmapped work."""
+    if chunk < 1:
+        raise AttributionError(f"chunk sizes must be positive, got {chunk}")
+    padded = np.concatenate([rows, np.repeat(rows[:1], -len(rows) % chunk, axis=0)])
+    return jnp.asarray(padded.reshape(-1, chunk, *rows.shape[1:]))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -114,23 +116,75 @@ def test_mean_aggregation_divides_by_each_length():
     np.testing.assert_allclose(mean, summed / len(examples[0].clean), rtol=1e-5, atol=1e-8)
 
 
-def test_zero_ablation_scores_measure_against_zero():
-    """Δ = 0 − clean for zero ablation, so its EAP scores equal −(clean output · gradient)."""
+def _edge_gradient_scores(model, batch, ablation_of, embeddings_of=None, alphas=(None,)):
+    """Scores computed independently of the probe machinery: with every edge weight at 1 and the ablation
+    values A, the derivative of the loss w.r.t. w_uv is (out_u − A_u) · ∂L/∂in_v, so score = −∂L/∂w (averaged
+    over `alphas` for a run from interpolated embeddings)."""
+    graph = Graph.for_model(model.config)
+    total = np.zeros((graph.n_sources, graph.n_destinations))
+    for index, example in enumerate(batch):
+        clean_logits = read_logits(model, run(model, model.embed(example.clean), valid=example.valid).final, example)
+        for alpha in alphas:
+            embeddings = model.embed(example.clean) if alpha is None else embeddings_of(example, alpha)
+            current = run(model, embeddings, valid=example.valid).sources
+            ablation = ablation_of(index, example, current)
+
+            def loss(weights):
+                result = run(model, embeddings, Interventions(edges=EdgeWeights(weights, ablation)),
+                             valid=example.valid)
+                return metrics.logit_difference.loss(read_logits(model, result.final, example), example, clean_logits)
+
+            total -= np.asarray(jax.grad(loss)(jnp.ones((graph.n_sources, graph.n_destinations))))
+    return np.where(graph.edge_mask, total / (batch.size * len(alphas)), 0)
+
+
+@pytest.mark.parametrize("kind", ["corrupted", "zero", "mean", "mean_positional", "resample"])
+def test_eap_with_each_ablation_equals_the_edge_weight_derivative(kind):
     model = random_model(CONFIG, 4)
-    batch = collate(random_examples(CONFIG, 2, 4))
-    zero = attribute(model, batch, metrics.logit_difference, method="eap", ablation=Ablation("zero"))
-    swapped = batch.replace(corrupted=jnp.zeros_like(batch.corrupted))
-    assert zero.matrix.shape == (zero.graph.n_sources, zero.graph.n_destinations)
-    assert not np.allclose(zero.matrix, attribute(model, swapped, metrics.logit_difference, method="eap").matrix)
-    assert np.abs(zero.matrix).max() > 0
+    batch = collate(random_examples(CONFIG, 3, 4))
+    valid = lambda e: e.valid.astype(jnp.float32)[None, :, None]  # noqa: E731
+    clean = [run(model, model.embed(e.clean), valid=e.valid).sources for e in batch]
+    corrupted = [run(model, model.embed(e.corrupted), valid=e.valid).sources for e in batch]
+    real = np.stack([np.asarray(e.valid) for e in batch]).astype(np.float32)
+    summed = sum(c * r[None, :, None] for c, r in zip(clean, real))
+    positional_mean = summed / np.maximum(real.sum(0), 1)[None, :, None]
+    overall_mean = summed.sum(1, keepdims=True) / real.sum()
+    partner = {index: (index - 1) % batch.size for index in range(batch.size)}  # seed 0: shift by 1
+    ablations = {
+        "corrupted": lambda i, e, current: current + (corrupted[i] - clean[i]) * valid(e),
+        "zero": lambda i, e, current: current * (1 - valid(e)),
+        "mean": lambda i, e, current: current + (overall_mean - clean[i]) * valid(e),
+        "mean_positional": lambda i, e, current: current + (positional_mean - clean[i]) * valid(e),
+        "resample": lambda i, e, current: current + (clean[partner[i]] - clean[i]) * valid(e),
+    }
+    expected = _edge_gradient_scores(model, batch, ablations[kind])
+    scores = attribute(model, batch, metrics.logit_difference, method="eap", ablation=Ablation(kind), batch_size=2)
+    np.testing.assert_allclose(scores.matrix, expected, rtol=2e-4, atol=2e-6 * np.abs(expected).max())
 
 
-def test_mean_and_resample_ablations_run():
-    model = random_model(CONFIG, 5)
-    batch = collate(random_examples(CONFIG, 4, 5))
-    for kind in ("mean", "mean_positional", "resample"):
-        scores = attribute(model, batch, metrics.logit_difference, method="eap", ablation=Ablation(kind))
-        assert np.isfinite(scores.matrix).all() and np.abs(scores.matrix).max() > 0
+@pytest.mark.parametrize("attention, shift", [("causal", True), ("bidirectional", False)])
+def test_eap_ig_inputs_equals_the_edge_weight_derivative_along_the_path(attention, shift):
+    """Padded batch, several steps, both attention kinds and read positions."""
+    config = CONFIG.replace(attention=attention, logit_shift=shift, mask_token_id=None if shift else 39)
+    model = random_model(config, 5)
+    examples = random_examples(config, 3, 5, min_length=5, max_length=8)
+    if not shift:  # an unshifted model reads the answer at its own (last) position
+        examples = [dataclasses.replace(e, answer_positions=[len(e.clean) - 1]) for e in examples]
+    batch = collate(examples)
+    steps = 3
+
+    def embeddings_of(example, alpha):
+        clean, corrupted = model.embed(example.clean), model.embed(example.corrupted)
+        return corrupted + alpha * (clean - corrupted)
+
+    def ablation_of(index, example, current):
+        clean = run(model, model.embed(example.clean), valid=example.valid).sources
+        corrupted = run(model, model.embed(example.corrupted), valid=example.valid).sources
+        return current + (corrupted - clean) * example.valid.astype(jnp.float32)[None, :, None]
+
+    expected = _edge_gradient_scores(model, batch, ablation_of, embeddings_of, [k / steps for k in range(steps)])
+    scores = attribute(model, batch, metrics.logit_difference, steps=steps, batch_size=2)
+    np.testing.assert_allclose(scores.matrix, expected, rtol=2e-4, atol=2e-6 * np.abs(expected).max())
 
 
 def test_activation_integrals_agree_with_input_integrals_for_the_input_node():

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -13,11 +15,13 @@ from mdm_circuits.graph import INPUT, LOGITS, Graph, GraphError, Port, head, mlp
     (32, 32, 1_592_881),    # LLaMA-2-7B / DiffuLLaMA
 ])
 def test_edge_counts_follow_the_formula(layers, heads, expected):
-    formula = sum(3 * heads * (1 + l * (heads + 1)) + (1 + l * (heads + 1) + heads) for l in range(layers))
-    formula += 1 + layers * (heads + 1)
-    assert formula == expected
-    if layers <= 12:  # enumerating the largest graphs is slow; the formula stands for them
-        assert Graph(layers, heads).n_edges == expected
+    assert Graph(layers, heads).n_edges == expected
+
+
+@pytest.mark.parametrize("layers, heads", [(1, 1), (3, 2), (12, 12)])
+def test_enumerated_edges_match_the_count_and_the_mask(layers, heads):
+    graph = Graph(layers, heads)
+    assert len(graph.edges) == graph.n_edges == graph.edge_mask.sum()
 
 
 def test_reference_order_and_names():
@@ -50,20 +54,31 @@ def test_indices_match_the_reference_layout():
 
 
 def test_json_round_trip(tmp_path):
-    graph = Graph(2, 3)
+    graph = Graph(2, 3, d_model=16)
     rng = np.random.default_rng(0)
     scores = graph.edge_matrix(rng.normal(size=graph.n_edges).astype(np.float32))
     circuit = graph.edge_matrix(rng.random(graph.n_edges) < 0.3, fill=False)
-    graph.to_json(tmp_path / "circuit.json", scores=scores, circuit=circuit, d_model=16)
+    graph.to_json(tmp_path / "circuit.json", scores, circuit)
+    document = json.loads((tmp_path / "circuit.json").read_text())
+    assert document["cfg"] == {"n_layers": 2, "n_heads": 3, "parallel_attn_mlp": False, "d_model": 16}
+    assert set(document["edges"]["input->a0.h1<q>"]) == {"score", "in_graph"}
     read_scores, read_circuit = graph.from_json(tmp_path / "circuit.json")
     np.testing.assert_array_equal(read_scores, scores)
     np.testing.assert_array_equal(read_circuit, circuit)
 
 
 def test_file_for_another_graph_is_refused(tmp_path):
-    Graph(2, 3).to_json(tmp_path / "other.json", scores=np.zeros((Graph(2, 3).n_sources, Graph(2, 3).n_destinations)))
+    other = Graph(2, 3, d_model=8)
+    other.to_json(tmp_path / "other.json", np.zeros((other.n_sources, other.n_destinations)))
     with pytest.raises(GraphError, match="written for a graph of 2 layers x 3 heads; this model's graph has 2 x 4"):
         Graph(2, 4).from_json(tmp_path / "other.json")
     (tmp_path / "junk.json").write_text("{}")
     with pytest.raises(GraphError, match="not an EAP-IG graph file"):
         Graph(2, 4).from_json(tmp_path / "junk.json")
+    document = json.loads((tmp_path / "other.json").read_text())
+    document["edges"]["input->m0"] = 3
+    (tmp_path / "broken.json").write_text(json.dumps(document))
+    with pytest.raises(GraphError, match="an edge entry is not"):
+        other.from_json(tmp_path / "broken.json")
+    with pytest.raises(GraphError, match="records d_model"):
+        Graph(2, 3).to_json(tmp_path / "x.json", np.zeros((other.n_sources, other.n_destinations)))

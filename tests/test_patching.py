@@ -81,9 +81,22 @@ def test_vmapped_sweep_equals_a_loop_of_single_patches():
                 expected[source, position] += float(loss - clean_loss) / batch.size
     # Unpatched runs add the heads' outputs in one projection, patched runs one by one: rounding differs.
     np.testing.assert_allclose(sweep.values, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
-    # Patching every position of a node at once is a different intervention from any single position.
+    # Every position of a node at once, for a few nodes, against single runs.
     whole = patch_nodes(model, batch, metrics.logit_difference)
     assert whole.values.shape == (graph.n_sources,)
+    for source in (0, 3, graph.n_sources - 1):
+        effect = 0.0
+        for example in batch:
+            clean = run(model, model.embed(example.clean), valid=example.valid)
+            corrupted = run(model, model.embed(example.corrupted), valid=example.valid)
+            clean_logits = read_logits(model, clean.final, example)
+            keep = jnp.ones((graph.n_sources, length)).at[source].set(0.0)
+            result = run(model, model.embed(example.clean), Interventions(nodes=NodePatch(keep, corrupted.sources)),
+                         valid=example.valid)
+            effect += float(metrics.logit_difference.loss(read_logits(model, result.final, example), example,
+                                                          clean_logits)
+                            - metrics.logit_difference.loss(clean_logits, example, clean_logits)) / batch.size
+        assert whole.values[source] == pytest.approx(effect, rel=1e-4, abs=1e-4 * np.abs(whole.values).max())
 
 
 def test_zero_ablation_of_an_mlp():

@@ -17,8 +17,11 @@ from typing import Sequence
 import tokenizers
 
 from mdm_circuits.batch import BatchError, Example
+from mdm_circuits.diffusion import View
 from mdm_circuits.metrics import logit_difference
+from mdm_circuits.tasks.text import prompt, single_tokens
 
+NAME = "ioi"
 METRIC = logit_difference
 
 # {A} is the indirect object, {B} the subject (repeated); BABA order swaps their first mention. No template
@@ -49,16 +52,6 @@ OBJECTS = ("ring", "kiss", "bone", "basketball", "computer", "necklace", "drink"
            "letter", "gift")
 
 
-def single_tokens(tokenizer: tokenizers.Tokenizer, words: Sequence[str]) -> dict[str, int]:
-    """The words that are one known token with a leading space (as they appear mid-sentence), and that token."""
-    ids = {}
-    for word in words:
-        encoded = tokenizer.encode(" " + word, add_special_tokens=False).ids
-        if len(encoded) == 1 and tokenizer.decode(encoded).strip() == word:
-            ids[word] = encoded[0]
-    return ids
-
-
 def _words(tokenizer, words, kind, needed):
     found = single_tokens(tokenizer, words)
     if len(found) < needed:
@@ -67,23 +60,21 @@ def _words(tokenizer, words, kind, needed):
     return sorted(found)
 
 
-def examples(tokenizer: tokenizers.Tokenizer, n: int, *, seed: int = 0, max_length: int | None = None,
-             mask_token_id: int | None = None) -> list[Example]:
-    """`n` IOI pairs, half ABBA and half BABA, reproducible for a seed.
+def examples(tokenizer: tokenizers.Tokenizer, n: int, *, seed: int = 0, view: View = View(),
+             max_length: int | None = None) -> list[Example]:
+    """`n` IOI pairs, alternating ABBA and BABA, reproducible for a seed (the same pairs in either view).
 
     Args:
       tokenizer: the model's tokenizer; names, places and objects are kept only where they are one token.
       n: number of pairs.
       seed: the random seed (templates, names, places, objects).
-      max_length: leave out templates whose prompts are longer than this many tokens.
-      mask_token_id: the MDM view: append this token as the masked answer position. None gives the ARM
-        view, where the answer is the token after the prompt.
+      view: ARM (the answer is the token after the prompt) or MDM (a masked answer position is appended).
+      max_length: leave out examples longer than this many tokens (as posed).
     """
     names = _words(tokenizer, NAMES, "names", 5)
     places, objects = _words(tokenizer, PLACES, "places", 1), _words(tokenizer, OBJECTS, "objects", 1)
     name_ids = single_tokens(tokenizer, names)
     rng = random.Random(seed)
-    encode = lambda text: tokenizer.encode(text, add_special_tokens=False).ids  # noqa: E731
     pairs, attempts = [], 0
     while len(pairs) < n:
         attempts += 1
@@ -92,15 +83,12 @@ def examples(tokenizer: tokenizers.Tokenizer, n: int, *, seed: int = 0, max_leng
         template = rng.choice(TEMPLATES)
         a, b, c, d, e = rng.sample(names, 5)
         fill = dict(place=rng.choice(places), object=rng.choice(objects))
-        baba = len(pairs) % 2 == 1
-        first, second = (b, a) if baba else (a, b)
-        clean = encode(template.replace("{A} and {B}", f"{first} and {second}").format(A=a, B=b, **fill))
+        first, second = (b, a) if len(pairs) % 2 else (a, b)
+        clean = prompt(tokenizer, template.replace("{A} and {B}", f"{first} and {second}").format(A=a, B=b, **fill))
         # ABC: the two first mentions and the repeated subject become three new names.
-        corrupted = encode(template.replace("{A} and {B}", f"{c} and {d}").format(A=c, B=e, **fill))
+        corrupted = prompt(tokenizer, template.replace("{A} and {B}", f"{c} and {d}").format(A=c, B=e, **fill))
+        (clean, positions), (corrupted, _) = view.pose(clean, [name_ids[a]]), view.pose(corrupted, [name_ids[a]])
         if len(clean) != len(corrupted) or (max_length is not None and len(clean) > max_length):
             continue
-        answer = len(clean)
-        if mask_token_id is not None:
-            clean, corrupted = clean + [mask_token_id], corrupted + [mask_token_id]
-        pairs.append(Example(clean, corrupted, [answer], [[name_ids[a]]], [[name_ids[b]]]))
+        pairs.append(Example(clean, corrupted, positions, [[name_ids[a]]], [[name_ids[b]]], METRIC.name))
     return pairs

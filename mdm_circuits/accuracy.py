@@ -1,0 +1,101 @@
+"""Task accuracy of a model, and the common-correct pool of an ARM/MDM pair.
+
+An example is solved when the model's generated answer is one the example accepts (`Example.solved_by`):
+an ARM continues its prompt greedily; an MDM fills its masked answer positions by diffusion decoding, one
+position per step, most confident first. The pool holds the examples both models of a pair solve, each
+posed in its own model's view (the same underlying question).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from types import ModuleType
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mdm_circuits.batch import Example
+from mdm_circuits.diffusion import View
+from mdm_circuits.generation import Unmasking, diffuse, greedy
+from mdm_circuits.model import Transformer
+
+
+def generate_answers(model: Transformer, examples: Sequence[Example], *, batch_size: int = 64,
+                     unmasking: Unmasking = "confidence", seed: int = 0) -> list[tuple[int, ...]]:
+    """The answer tokens the model generates for each example (one per answer position)."""
+    answers = []
+    for start in range(0, len(examples), batch_size):
+        part = examples[start: start + batch_size]
+        widest = max(len(e.answer_positions) for e in part)
+        length = max(len(e.clean) for e in part) + widest
+        tokens = np.zeros((len(part), length), np.int32)
+        valid = np.zeros((len(part), length), bool)
+        for row, example in enumerate(part):
+            tokens[row, : len(example.clean)] = example.clean
+            valid[row, : len(example.clean)] = True
+        if model.config.attention == "causal":
+            prompt_lengths = jnp.asarray([e.answer_positions[0] for e in part])
+            generated = jax.vmap(greedy, in_axes=(None, 0, 0, None))(model, jnp.asarray(tokens), prompt_lengths,
+                                                                     widest)
+        else:
+            keys = jax.random.split(jax.random.key(seed + start), len(part))
+            generated = jax.vmap(lambda t, v, k: diffuse(model, t, v, k, steps=widest, unmasking=unmasking))(
+                jnp.asarray(tokens), jnp.asarray(valid), keys)
+        generated = np.asarray(generated)
+        answers += [tuple(int(generated[row, p]) for p in example.answer_positions)
+                    for row, example in enumerate(part)]
+    return answers
+
+
+def solved(model: Transformer, examples: Sequence[Example], **options) -> np.ndarray:
+    """Whether the model solves each example."""
+    return np.array([example.solved_by(answer)
+                     for example, answer in zip(examples, generate_answers(model, examples, **options))])
+
+
+@dataclasses.dataclass(frozen=True)
+class Pool:
+    """Examples solved by both models, posed to each (`arm[i]` and `mdm[i]` are the same question)."""
+
+    arm: list[Example]
+    mdm: list[Example]
+    drawn: int
+    arm_accuracy: float
+    mdm_accuracy: float
+
+
+def common_correct_pool(task: ModuleType, tokenizer, arm: Transformer, mdm: Transformer, *, n: int = 500,
+                        budget: int = 5000, chunk: int = 100, seed: int = 0, max_length: int | None = None,
+                        progress: Callable[[int, int, int], None] | None = None) -> Pool:
+    """Draw examples of `task` until `n` are solved by both models or `budget` examples have been drawn.
+
+    Examples are drawn in chunks (chunk i with seed `seed` · 1000003 + i), posed to each model in its own
+    view, and deduplicated. `progress` is called with (drawn, pooled, n) after every chunk. The accuracies
+    are over every example drawn.
+    """
+    arm_view, mdm_view = View.for_model(arm.config), View.for_model(mdm.config)
+    pooled_arm, pooled_mdm, seen = [], [], set()
+    drawn, arm_correct, mdm_correct, index = 0, 0, 0, 0
+    while len(pooled_arm) < n and drawn < budget:
+        size = min(chunk, budget - drawn)
+        chunk_seed = seed * 1_000_003 + index
+        index += 1
+        for_arm = task.examples(tokenizer, size, seed=chunk_seed, view=arm_view, max_length=max_length)
+        for_mdm = task.examples(tokenizer, size, seed=chunk_seed, view=mdm_view, max_length=max_length)
+        fresh = [i for i, e in enumerate(for_arm) if (tuple(e.clean), tuple(e.corrupted)) not in seen]
+        seen |= {(tuple(for_arm[i].clean), tuple(for_arm[i].corrupted)) for i in fresh}
+        if not fresh:
+            continue
+        for_arm, for_mdm = [for_arm[i] for i in fresh], [for_mdm[i] for i in fresh]
+        by_arm, by_mdm = solved(arm, for_arm), solved(mdm, for_mdm)
+        drawn += len(fresh)
+        arm_correct += int(by_arm.sum())
+        mdm_correct += int(by_mdm.sum())
+        both = np.nonzero(by_arm & by_mdm)[0][: n - len(pooled_arm)]
+        pooled_arm += [for_arm[i] for i in both]
+        pooled_mdm += [for_mdm[i] for i in both]
+        if progress is not None:
+            progress(drawn, len(pooled_arm), n)
+    return Pool(pooled_arm, pooled_mdm, drawn, arm_correct / max(drawn, 1), mdm_correct / max(drawn, 1))

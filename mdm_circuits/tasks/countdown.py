@@ -1,0 +1,70 @@
+"""Countdown: reach a target with a few numbers (each used once) and + and −, evaluated left to right.
+
+Clean: "Numbers: 3, 5, 12. Target: 14. Solution:" → " 12+5-3" (the first solution in a fixed enumeration
+order). Corrupted: the same numbers with another target whose first solution has the same number of
+tokens (" 12-5+3" for target 10). The metric is log P(clean solution) − log P(corrupted solution), summed
+over the answer's tokens. Every example is solvable by construction (the target is the value of a random
+expression) and checked by brute force; every solution of the answer's token length counts as correct.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import tokenizers
+
+from mdm_circuits.batch import BatchError, Example
+from mdm_circuits.diffusion import View
+from mdm_circuits.metrics import log_probability_difference
+from mdm_circuits.tasks.text import continuation, prompt
+
+NAME = "countdown"
+METRIC = log_probability_difference
+
+PROMPT = "Numbers: {numbers}. Target: {target}. Solution:"
+N_NUMBERS = 3
+LARGEST = 20
+
+
+def solutions(numbers: tuple[int, ...], target: int) -> list[str]:
+    """Every expression using each number once with + and − (left to right) that equals `target`, in a fixed
+    order (permutations in order, then operators, + before −)."""
+    found = []
+    for order in dict.fromkeys(itertools.permutations(numbers)):
+        for operators in itertools.product("+-", repeat=len(numbers) - 1):
+            value = order[0]
+            for operator, number in zip(operators, order[1:]):
+                value = value + number if operator == "+" else value - number
+            if value == target:
+                found.append(str(order[0]) + "".join(o + str(x) for o, x in zip(operators, order[1:])))
+    return found
+
+
+def examples(tokenizer: tokenizers.Tokenizer, n: int, *, seed: int = 0, view: View = View(),
+             max_length: int | None = None) -> list[Example]:
+    """`n` Countdown pairs, reproducible for a seed (the same pairs in either view)."""
+    rng = random.Random(seed)
+    pairs, attempts = [], 0
+    while len(pairs) < n:
+        attempts += 1
+        if attempts > 200 * n:
+            raise BatchError(f"could not build {n} Countdown pairs of at most {max_length} tokens")
+        numbers = tuple(rng.sample(range(1, LARGEST + 1), N_NUMBERS))
+        reachable = sorted({t for t in range(1, 100) if solutions(numbers, t)})
+        target, other = rng.sample(reachable, 2)
+        listed = ", ".join(map(str, numbers))
+        question = prompt(tokenizer, PROMPT.format(numbers=listed, target=target))
+        other_question = prompt(tokenizer, PROMPT.format(numbers=listed, target=other))
+        answer = continuation(tokenizer, " " + solutions(numbers, target)[0])
+        other_answer = continuation(tokenizer, " " + solutions(numbers, other)[0])
+        if len(question) != len(other_question) or len(answer) != len(other_answer) or answer == other_answer:
+            continue
+        (clean, positions), (corrupted, _) = view.pose(question, answer), view.pose(other_question, other_answer)
+        if max_length is not None and len(clean) > max_length:
+            continue
+        accepted = [tokens for tokens in (continuation(tokenizer, " " + s) for s in solutions(numbers, target))
+                    if len(tokens) == len(answer)]
+        pairs.append(Example(clean, corrupted, positions, [[t] for t in answer], [[t] for t in other_answer],
+                             METRIC.name, accepted=accepted))
+    return pairs
