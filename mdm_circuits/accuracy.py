@@ -24,25 +24,36 @@ from mdm_circuits.model import Transformer
 
 def generate_answers(model: Transformer, examples: Sequence[Example], *, batch_size: int = 64,
                      unmasking: Unmasking = "confidence", seed: int = 0) -> list[tuple[int, ...]]:
-    """The answer tokens the model generates for each example (one per answer position)."""
+    """The answer tokens the model generates for each example (one per answer position).
+
+    Batches are padded to `batch_size` rows and to lengths in multiples of 16, so a few compiled programs
+    serve every batch."""
     answers = []
     for start in range(0, len(examples), batch_size):
         part = examples[start: start + batch_size]
         widest = max(len(e.answer_positions) for e in part)
-        length = max(len(e.clean) for e in part) + widest
-        tokens = np.zeros((len(part), length), np.int32)
-        valid = np.zeros((len(part), length), bool)
+        causal = model.config.attention == "causal"
+        # An ARM writes its answer after the prompt; an MDM fills the masked positions in place.
+        needed = max(e.answer_positions[0] + widest if causal else len(e.clean) for e in part)
+        length = -(-needed // 16) * 16
+        tokens = np.zeros((batch_size, length), np.int32)
+        valid = np.zeros((batch_size, length), bool)
+        prompt_lengths = np.ones(batch_size, np.int32)
+        answer_positions = np.zeros((batch_size, widest), np.int32)
         for row, example in enumerate(part):
-            tokens[row, : len(example.clean)] = example.clean
-            valid[row, : len(example.clean)] = True
-        if model.config.attention == "causal":
-            prompt_lengths = jnp.asarray([e.answer_positions[0] for e in part])
-            generated = jax.vmap(greedy, in_axes=(None, 0, 0, None))(model, jnp.asarray(tokens), prompt_lengths,
-                                                                     widest)
+            given = example.clean[: example.answer_positions[0]] if causal else example.clean
+            tokens[row, : len(given)] = given
+            valid[row, : len(given)] = True
+            prompt_lengths[row] = example.answer_positions[0]
+            positions = list(example.answer_positions)
+            answer_positions[row] = positions + positions[:1] * (widest - len(positions))
+        if causal:
+            generated = jax.vmap(greedy, in_axes=(None, 0, 0, None))(model, jnp.asarray(tokens),
+                                                                     jnp.asarray(prompt_lengths), widest)
         else:
-            keys = jax.random.split(jax.random.key(seed + start), len(part))
-            generated = jax.vmap(lambda t, v, k: diffuse(model, t, v, k, steps=widest, unmasking=unmasking))(
-                jnp.asarray(tokens), jnp.asarray(valid), keys)
+            keys = jax.random.split(jax.random.key(seed + start), batch_size)
+            generated = jax.vmap(lambda t, v, k, a: diffuse(model, t, v, k, a, steps=widest, unmasking=unmasking))(
+                jnp.asarray(tokens), jnp.asarray(valid), keys, jnp.asarray(answer_positions))
         generated = np.asarray(generated)
         answers += [tuple(int(generated[row, p]) for p in example.answer_positions)
                     for row, example in enumerate(part)]

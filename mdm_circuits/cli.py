@@ -1,8 +1,10 @@
-"""The `mdm-circuits` command line: convert checkpoints, query converted models, plan memory, find circuits."""
+"""The `mdm-circuits` command line: convert checkpoints, query converted models, plan memory, generate,
+build common-correct pools, and find circuits."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -14,12 +16,14 @@ import numpy as np
 
 from conversion import ConversionError, config_from_hf, convert
 from mdm_circuits import checkpoint
+from mdm_circuits.accuracy import common_correct_pool
 from mdm_circuits.attribution import attribute
 from mdm_circuits.batch import BatchError, collate
 from mdm_circuits.checkpoint import CheckpointError
 from mdm_circuits.circuits import CircuitError, faithfulness_curve, smallest_faithful
 from mdm_circuits.config import ConfigError, ModelConfig
 from mdm_circuits.diffusion import View
+from mdm_circuits.generation import diffuse, greedy
 from mdm_circuits.graph import Graph, GraphError, NodeKind
 from mdm_circuits.model import with_config
 from mdm_circuits.planning import plan
@@ -172,6 +176,59 @@ def _find_circuit(args: argparse.Namespace) -> None:
     print(f"wrote {', '.join(sorted(p.name for p in out.glob('*.json')))} to {out}")
 
 
+def _load_with_tokenizer(directory: str):
+    model, tokenizer = checkpoint.load(directory), checkpoint.load_tokenizer(directory)
+    if tokenizer is None:
+        raise SystemExit(f"error: {directory} has no tokenizer.json; convert from a source that has one")
+    return model, tokenizer
+
+
+def _generate(args: argparse.Namespace) -> None:
+    model, tokenizer = _load_with_tokenizer(args.model)
+    config = model.config
+    prompt = tokenizer.encode(args.prompt).ids
+    if not prompt:
+        raise SystemExit("error: the prompt is empty")
+    tokens = jnp.asarray(prompt + [config.mask_token_id or 0] * args.new)
+    start = time.perf_counter()
+    if config.attention == "causal":
+        output = greedy(model, tokens, jnp.asarray(len(prompt)), args.new)
+        how = "greedy decoding"
+    else:
+        at = jnp.arange(len(prompt), len(prompt) + args.new)
+        output = diffuse(model, tokens, jnp.ones(tokens.shape, bool), jax.random.key(args.seed), at,
+                         steps=args.steps or args.new, unmasking=args.unmasking, temperature=args.temperature)
+        how = (f"diffusion decoding, {args.steps or args.new} steps, {args.unmasking} order, temperature "
+               f"{args.temperature}")
+    generated = [int(t) for t in output[len(prompt):]]
+    print(f"{how} ({time.perf_counter() - start:.1f} s):")
+    print(tokenizer.decode(prompt + generated))
+
+
+def _pool(args: argparse.Namespace) -> None:
+    arm, tokenizer = _load_with_tokenizer(args.arm)
+    mdm = checkpoint.load(args.mdm)
+    if arm.config.attention != "causal" or not mdm.config.is_mdm:
+        raise SystemExit("error: the first model must be an ARM (causal) and the second an MDM (mask token)")
+    task = TASKS[args.task]
+    print(f"drawing {args.task} examples until {args.n} are solved by both models (budget {args.budget})",
+          flush=True)
+    start = time.perf_counter()
+    pool = common_correct_pool(task, tokenizer, arm, mdm, n=args.n, budget=args.budget, chunk=args.chunk,
+                               seed=args.seed, max_length=args.max_length,
+                               progress=lambda drawn, pooled, n: print(f"  drawn {drawn}, pooled {pooled}/{n}",
+                                                                       flush=True))
+    print(f"pool of {len(pool.arm)} from {pool.drawn} drawn in {time.perf_counter() - start:.1f} s; accuracy: "
+          f"ARM {pool.arm_accuracy:.3f}, MDM {pool.mdm_accuracy:.3f}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w") as file:
+        for arm_example, mdm_example in zip(pool.arm, pool.mdm):
+            file.write(json.dumps({"arm": dataclasses.asdict(arm_example), "mdm": dataclasses.asdict(mdm_example)})
+                       + "\n")
+    print(f"wrote {out}")
+
+
 def _config_from_path(path: Path, ignore_fields: list[str]) -> ModelConfig:
     if (path / checkpoint.MANIFEST).exists():
         return checkpoint.read_manifest(path)[0]
@@ -252,6 +309,29 @@ def build_parser() -> argparse.ArgumentParser:
     find.add_argument("--top-heads", type=_positive, default=10)
     find.add_argument("--out", default="out/circuit", help="directory for scores.json, curve.json, circuit.json")
     find.set_defaults(run=_find_circuit)
+
+    generate = commands.add_parser("generate", help="continue a prompt: greedy for an ARM, diffusion for an MDM")
+    generate.add_argument("model", help="directory written by `mdm-circuits convert`")
+    generate.add_argument("prompt")
+    generate.add_argument("--new", type=_positive, default=16, help="tokens to generate (the MDM's mask canvas)")
+    generate.add_argument("--steps", type=_positive, help="diffusion steps (default: one per token)")
+    generate.add_argument("--unmasking", default="confidence", choices=["confidence", "margin", "entropy", "random"])
+    generate.add_argument("--temperature", type=float, default=0.0, help="0: the most likely token")
+    generate.add_argument("--seed", type=int, default=0)
+    generate.set_defaults(run=_generate)
+
+    pool = commands.add_parser("pool", help="the common-correct pool of an ARM/MDM pair for a task")
+    pool.add_argument("arm", help="the ARM's directory (its tokenizer is used)")
+    pool.add_argument("mdm", help="the MDM's directory")
+    pool.add_argument("--task", default="ioi", choices=sorted(TASKS))
+    pool.add_argument("--n", type=_positive, default=500, help="examples to pool")
+    pool.add_argument("--budget", type=_positive, default=5000, help="examples to draw at most")
+    pool.add_argument("--chunk", type=_positive, default=100)
+    pool.add_argument("--seed", type=int, default=0)
+    pool.add_argument("--max-length", type=_positive)
+    pool.add_argument("--out", default="out/pool.jsonl", help="JSONL of {arm, mdm} example pairs")
+    pool.set_defaults(run=_pool)
+
     return parser
 
 

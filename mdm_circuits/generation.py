@@ -3,10 +3,11 @@
 Both work on one sequence (batch with `vmap`) held in a fixed-size buffer, so one compiled program serves
 every prompt of a batch.
 
-Diffusion decoding (`diffuse`): the positions holding the mask token are filled in `steps` steps. At each
-step the model reads the whole sequence (bidirectionally); every masked position gets a candidate token
-(the most likely, or a sample at `temperature`) and a score; the step reveals the best-scoring masked
-positions, as many as keep the reveals even over the steps. Scores ("unmasking"): the candidate's
+Diffusion decoding (`diffuse`): the given positions, which hold the mask token, are filled in `steps` steps.
+At each step the model reads the whole sequence (bidirectionally); every still-masked position gets a
+candidate token (the most likely, or a sample at `temperature`) and a score; the step reveals the
+best-scoring masked positions, as many as keep the reveals even over the steps. A position p is read
+from the logits at `config.read_position(p)` (p − 1 for Dream and DiffuLLaMA, p for LLaDA). Scores ("unmasking"): the candidate's
 probability ("confidence"), the gap between the two most likely tokens ("margin"), the negative entropy
 ("entropy"), or a seeded random draw ("random"). The mask token itself is never a candidate.
 """
@@ -35,9 +36,9 @@ def greedy(model: Transformer, tokens: Int[Array, " T"], length: Int[Array, ""],
         raise ValueError("greedy decoding reads one position at a time; it needs a causal model (use diffuse)")
 
     def step(i, buffer):
-        logits = model(buffer)
         position = length + i
-        return buffer.at[position].set(jnp.argmax(logits[model.config.read_position(position)]).astype(buffer.dtype))
+        logits = model.logits_at(buffer, model.config.read_position(position)[None])[0]
+        return buffer.at[position].set(jnp.argmax(logits).astype(buffer.dtype))
 
     return jax.lax.fori_loop(0, n_new, step, tokens)
 
@@ -62,34 +63,36 @@ def diffuse(
     tokens: Int[Array, " T"],
     valid: Bool[Array, " T"],
     key: Array,
+    at: Int[Array, " A"],
     *,
     steps: int,
     unmasking: Unmasking = "confidence",
     temperature: float | Array = 0.0,
 ) -> Int[Array, " T"]:
-    """Fill the real positions of `tokens` that hold the mask token, in `steps` steps (see the module doc)."""
+    """Fill the positions `at` (which hold the mask token; repeats allowed) in `steps` steps (see the module
+    doc); only their logits are computed."""
     config = model.config
     if config.mask_token_id is None:
         raise ValueError("diffusion decoding needs a model with a mask token (an MDM)")
     mask_id = config.mask_token_id
-    masked_at_start = jnp.sum((tokens == mask_id) & valid)
+    first_copy = jnp.argmax(at[None, :] == at[:, None], axis=1)  # for each entry, its position's first entry
+    first = jnp.arange(at.shape[0]) == first_copy
+    masked_at_start = jnp.sum(first & (tokens[at] == mask_id))
+    read = jnp.clip(config.read_position(at), 0, tokens.shape[0] - 1)
 
     def step(s, state):
         buffer, key = state
         key, sample_key, score_key = jax.random.split(key, 3)
-        logits = model(buffer, valid=valid)
-        if config.logit_shift:  # the logits at p − 1 predict position p; position 0 reads its own
-            logits = jnp.concatenate([logits[:1], logits[:-1]])
-        logits = logits.at[:, mask_id].set(-jnp.inf)
+        logits = model.logits_at(buffer, read, valid=valid).at[:, mask_id].set(-jnp.inf)
         probabilities = jax.nn.softmax(logits, axis=-1)
         sampled = jax.random.categorical(sample_key, logits / jnp.maximum(temperature, 1e-6), axis=-1)
         candidates = jnp.where(temperature > 0, sampled, jnp.argmax(logits, axis=-1)).astype(buffer.dtype)
-        masked = (buffer == mask_id) & valid
+        masked = first & (buffer[at] == mask_id)
         score = jnp.where(masked, _scores(logits, candidates, probabilities, unmasking, score_key), -jnp.inf)
         # Reveal so that after step s, round(n (s + 1) / steps) of the n masked positions are filled.
         count = (jnp.round(masked_at_start * (s + 1) / steps) - jnp.round(masked_at_start * s / steps)).astype(int)
         rank = jnp.argsort(jnp.argsort(-score))
-        reveal = masked & (rank < count)
-        return jnp.where(reveal, candidates, buffer), key
+        reveal = (masked & (rank < count))[first_copy]  # repeated entries follow their first one
+        return buffer.at[at].set(jnp.where(reveal, candidates[first_copy], buffer[at])), key
 
     return jax.lax.fori_loop(0, steps, step, (tokens, key))[0]

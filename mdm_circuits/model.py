@@ -97,6 +97,12 @@ class Transformer(nnx.Module):
     def __call__(self, tokens: Int[Array, " T"], *, valid=None, positions=None) -> Float[Array, "T V"]:
         return self.from_embeddings(self.embed(tokens), valid=valid, positions=positions)
 
+    def logits_at(self, tokens: Int[Array, " T"], at: Int[Array, " A"], *, valid=None, positions=None
+                  ) -> Float[Array, "A V"]:
+        """The logits of output positions `at` only (unembedding every position costs V·D per token)."""
+        residual = self.trace(self.embed(tokens), valid=valid, positions=positions).residual[-1]
+        return self.unembed(residual[at])
+
 
 def forward(
     graphdef: nnx.GraphDef,

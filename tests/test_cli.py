@@ -107,3 +107,55 @@ def test_find_circuit_end_to_end(tmp_path, capsys):
     scores, circuit = graph.from_json(tmp_path / "out" / "circuit.json")
     assert circuit.any() and np.isfinite(scores).all()
     assert json.loads((tmp_path / "out" / "curve.json").read_text())["ks"] == [5, 40]
+
+
+def _successor_directory(tmp_path):
+    """The successor MDM of test_diffusion, saved with a word-level tokenizer (token i is 't{i}')."""
+    import tokenizers
+    from tokenizers import models, pre_tokenizers
+
+    from test_diffusion import successor_model
+
+    tokenizer = tokenizers.Tokenizer(models.WordLevel({**{f"t{i}": i for i in range(11)}, "[MASK]": 11},
+                                                      unk_token="[MASK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    checkpoint.save(tmp_path / "mdm", successor_model(), tokenizer)
+    return tmp_path / "mdm"
+
+
+def test_generate_with_diffusion_and_greedy(tmp_path, capsys):
+    from mdm_circuits.model import with_config
+
+    directory = _successor_directory(tmp_path)
+    main(["generate", str(directory), "t3", "--new", "4"])
+    output = capsys.readouterr().out
+    assert "diffusion decoding, 4 steps, confidence order" in output and output.strip().endswith("t3 t4 t5 t6 t7")
+    model = checkpoint.load(directory)
+    arm = with_config(model, model.config.replace(attention="causal", mask_token_id=None))
+    checkpoint.save(tmp_path / "arm", arm, checkpoint.load_tokenizer(directory))
+    main(["generate", str(tmp_path / "arm"), "t8", "--new", "3"])
+    output = capsys.readouterr().out
+    assert "greedy decoding" in output and output.strip().endswith("t8 t9 t10 t0")
+
+
+def test_pool_writes_pairs_of_views(tmp_path, capsys):
+    from conftest import random_model
+    from mdm_circuits.config import ModelConfig
+    from test_tasks import WORDS, word_tokenizer
+
+    tokenizer = word_tokenizer(WORDS)
+    config = ModelConfig(vocab_size=tokenizer.get_vocab_size() + 1, d_model=16, n_layers=1, n_heads=2,
+                         n_kv_heads=1, head_dim=8, d_mlp=16)
+    checkpoint.save(tmp_path / "arm", random_model(config, 0), tokenizer)
+    mdm_config = config.replace(attention="bidirectional", mask_token_id=config.vocab_size - 1)
+    checkpoint.save(tmp_path / "mdm", random_model(mdm_config, 1), tokenizer)
+    main(["pool", str(tmp_path / "arm"), str(tmp_path / "mdm"), "--n", "3", "--budget", "12", "--chunk", "6",
+          "--out", str(tmp_path / "pool.jsonl")])
+    output = capsys.readouterr().out
+    assert "drawn 6, pooled" in output and "from 12 drawn" in output
+    lines = (tmp_path / "pool.jsonl").read_text().splitlines()
+    for line in lines:
+        record = json.loads(line)
+        assert record["arm"]["correct"] == record["mdm"]["correct"]
+    with pytest.raises(SystemExit, match="first model must be an ARM"):
+        main(["pool", str(tmp_path / "mdm"), str(tmp_path / "arm")])

@@ -113,12 +113,18 @@ def test_diffusion_decoder_recovers_the_determined_sequence():
     model = successor_model()
     tokens = jnp.array([3, 11, 11, 11, 11, 0])
     valid = jnp.array([True] * 5 + [False])
-    decoded = diffuse(model, tokens, valid, jax.random.key(0), steps=4)
+    at = jnp.array([1, 2, 3, 4])
+    decoded = diffuse(model, tokens, valid, jax.random.key(0), at, steps=4)
     assert decoded.tolist() == [3, 4, 5, 6, 7, 0]
     # Random order reveals positions whose left neighbour is still masked: it does not recover it.
-    assert diffuse(model, tokens, valid, jax.random.key(0), steps=4, unmasking="random").tolist() != [3, 4, 5, 6, 7, 0]
+    random_order = diffuse(model, tokens, valid, jax.random.key(0), at, steps=4, unmasking="random")
+    assert random_order.tolist() != [3, 4, 5, 6, 7, 0]
     for unmasking in ("margin", "entropy"):
-        assert diffuse(model, tokens, valid, jax.random.key(0), steps=4, unmasking=unmasking).tolist()[:5] == [3, 4, 5, 6, 7]
+        assert diffuse(model, tokens, valid, jax.random.key(0), at, steps=4, unmasking=unmasking).tolist() == [
+            3, 4, 5, 6, 7, 0]
+    # Two steps for four positions: two reveals per step; repeated positions count once.
+    two_steps = diffuse(model, tokens, valid, jax.random.key(0), jnp.array([1, 2, 3, 4, 4]), steps=2)
+    assert (two_steps[1:5] != 11).all()
 
 
 def test_greedy_decoding_matches_a_python_loop():

@@ -106,8 +106,8 @@ def pattern_tokenizer(pattern: str, texts) -> tokenizers.Tokenizer:
 NUMBERS = [f"{a}{b}" for a in " x" for b in [str(d) for d in range(10)] + [f"{d:02d}" for d in range(100)]]
 TEXTS = [" ".join(ioi.TEMPLATES + greater_than.TEMPLATES + tuple(f[0] for f in infilling.FRAMES) + (countdown.PROMPT,)),
          " " + " ".join(greater_than.NOUNS), " " + " ".join(w for f in infilling.FRAMES for w in (*f[1], *f[2])),
-         " ___ The missing word is Numbers Target Solution + - , . : " + " ".join(NUMBERS)]
-TEXTS.append(",".join(TEXTS[0].split()))  # every word also at the start of a text, without its space
+         " ___ Fill in the blank Numbers Target Solution + - , . : \n" + " ".join(NUMBERS)]
+TEXTS.append(",".join(" ".join(TEXTS).split()))  # every word also at the start of a text, without its space
 DIGITS = r" ?[A-Za-z_]+| ?\d|[^\sA-Za-z\d_]| "
 PAIRS = r" ?[A-Za-z_]+| ?\d\d|\d| ?[^\sA-Za-z\d_]| "
 

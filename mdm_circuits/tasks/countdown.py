@@ -27,18 +27,20 @@ N_NUMBERS = 3
 LARGEST = 20
 
 
-def solutions(numbers: tuple[int, ...], target: int) -> list[str]:
-    """Every expression using each number once with + and − (left to right) that equals `target`, in a fixed
-    order (permutations in order, then operators, + before −)."""
-    found = []
+def _expressions(numbers: tuple[int, ...]):
+    """(text, value) of every expression using each number once with + and − (left to right), in a fixed
+    order: permutations in order, then operators, + before −."""
     for order in dict.fromkeys(itertools.permutations(numbers)):
         for operators in itertools.product("+-", repeat=len(numbers) - 1):
             value = order[0]
             for operator, number in zip(operators, order[1:]):
                 value = value + number if operator == "+" else value - number
-            if value == target:
-                found.append(str(order[0]) + "".join(o + str(x) for o, x in zip(operators, order[1:])))
-    return found
+            yield str(order[0]) + "".join(o + str(x) for o, x in zip(operators, order[1:])), value
+
+
+def solutions(numbers: tuple[int, ...], target: int) -> list[str]:
+    """Every expression of the numbers (see `_expressions`) that equals `target`, in the fixed order."""
+    return [text for text, value in _expressions(numbers) if value == target]
 
 
 def examples(tokenizer: tokenizers.Tokenizer, n: int, *, seed: int = 0, view: View = View(),
@@ -51,7 +53,7 @@ def examples(tokenizer: tokenizers.Tokenizer, n: int, *, seed: int = 0, view: Vi
         if attempts > 200 * n:
             raise BatchError(f"could not build {n} Countdown pairs of at most {max_length} tokens")
         numbers = tuple(rng.sample(range(1, LARGEST + 1), N_NUMBERS))
-        reachable = sorted({t for t in range(1, 100) if solutions(numbers, t)})
+        reachable = sorted({value for _, value in _expressions(numbers) if 1 <= value < 100})
         target, other = rng.sample(reachable, 2)
         listed = ", ".join(map(str, numbers))
         question = prompt(tokenizer, PROMPT.format(numbers=listed, target=target))

@@ -56,6 +56,7 @@ def examples(tokenizer: tokenizers.Tokenizer, n: int, *, seed: int = 0, view: Vi
     """`n` Greater-Than pairs, reproducible for a seed (the same pairs in either view)."""
     mode = year_tokens(tokenizer)
     rng = random.Random(seed)
+    endings_of = {}  # century -> {ending: its token}, for two-digit endings
     pairs, attempts = [], 0
     while len(pairs) < n:
         attempts += 1
@@ -64,7 +65,9 @@ def examples(tokenizer: tokenizers.Tokenizer, n: int, *, seed: int = 0, view: Vi
         template, noun, century = rng.choice(TEMPLATES), rng.choice(NOUNS), rng.choice(CENTURIES)
         if mode == "pairs":
             start = rng.randint(2, 98)
-            endings = {e: continuation(tokenizer, f" {century}{e:02d}")[-1] for e in range(100)}
+            if century not in endings_of:
+                endings_of[century] = {e: continuation(tokenizer, f" {century}{e:02d}")[-1] for e in range(100)}
+            endings = endings_of[century]
             larger = [endings[e] for e in range(start + 1, 100)]
             others = [endings[e] for e in range(0, start + 1)]
         else:

@@ -3,8 +3,9 @@
 Clean: "The ___ barked at the mailman." → " dog"; corrupted: the deciding word swapped ("meowed") → " cat".
 The metric is the logit difference, answer minus counterfactual.
 - MDM view: the word's position holds the mask token in place, the deciding context after it.
-- ARM view: the same sentence as a fill-in-the-blank prompt, "The ___ barked at the mailman. The missing
-  word is" → " dog", so the deciding context lies to the left of the answer.
+- ARM view: the same sentence as a fill-in-the-blank question whose answer restates its start, "Fill in
+  the blank: The ___ barked at the mailman.\nThe" → " dog", so the deciding context lies to the left of
+  the answer.
 
 Frames whose answers are not single tokens, or whose two deciding words differ in token count, are left
 out for the tokenizer at hand.
@@ -25,7 +26,7 @@ NAME = "infilling"
 METRIC = logit_difference
 
 BLANK = "___"
-ARM_QUESTION = " The missing word is"
+ARM_QUESTION = "Fill in the blank:"
 # (sentence, (answer, deciding word), (other answer, other deciding word)); {word} and {decider} placeholders.
 FRAMES = (
     ("The {word} {decider} at the mailman.", ("dog", "barked"), ("cat", "meowed")),
@@ -64,7 +65,7 @@ def _pose(tokenizer, view, sentence, answer_token, decider):
     after = after.format(decider=decider)
     if view.is_mdm:
         return view.pose(prompt(tokenizer, before.rstrip()), [answer_token], continuation(tokenizer, after))
-    question = prompt(tokenizer, before + BLANK + after + ARM_QUESTION)
+    question = prompt(tokenizer, ARM_QUESTION + " " + before + BLANK + after + "\n" + before.rstrip())
     return view.pose(question, [answer_token])
 
 
