@@ -1,5 +1,5 @@
 """The `mdm-circuits` command line: convert checkpoints, query converted models, plan memory, generate,
-build common-correct pools, and find circuits."""
+build common-correct pools, find circuits and train the shipped ARM/MDM pair."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from mdm_circuits.planning import plan
 from mdm_circuits.presets import PRESETS
 from mdm_circuits.scoring import AttributionError
 from mdm_circuits.tasks import TASKS
+from mdm_circuits.training import TrainingError
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -229,6 +230,24 @@ def _pool(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+def _organisms_train(args: argparse.Namespace) -> None:
+    from mdm_circuits.organisms import recipe
+
+    chosen = recipe.QUICK if args.quick else recipe.Recipe()
+    print(f"building the organisms in {args.out}" + (" (quick smoke-test recipe)" if args.quick else ""), flush=True)
+    start = time.perf_counter()
+    report = recipe.build(args.out, chosen, progress=lambda line: print(line, flush=True))
+    print(f"built in {time.perf_counter() - start:.0f} s")
+    print(recipe.accuracy_table(report))
+
+
+def _organisms_show(args: argparse.Namespace) -> None:
+    from mdm_circuits import organisms
+    from mdm_circuits.organisms import recipe
+
+    print(recipe.accuracy_table(organisms.report(args.directory)))
+
+
 def _config_from_path(path: Path, ignore_fields: list[str]) -> ModelConfig:
     if (path / checkpoint.MANIFEST).exists():
         return checkpoint.read_manifest(path)[0]
@@ -332,6 +351,15 @@ def build_parser() -> argparse.ArgumentParser:
     pool.add_argument("--out", default="out/pool.jsonl", help="JSONL of {arm, mdm} example pairs")
     pool.set_defaults(run=_pool)
 
+    organisms = commands.add_parser("organisms", help="the shipped ARM/MDM pair trained by this project")
+    organism_commands = organisms.add_subparsers(dest="organisms_command", required=True)
+    train = organism_commands.add_parser("train", help="train the pair and its adaptation trajectory from scratch")
+    train.add_argument("out", help="directory for arm/, mdm/, trajectory/ and organisms.json (resumes a build there)")
+    train.add_argument("--quick", action="store_true", help="a seconds-long smoke test of the pipeline (tiny model)")
+    train.set_defaults(run=_organisms_train)
+    show = organism_commands.add_parser("show", help="the accuracy table of a built pair (default: the shipped one)")
+    show.add_argument("directory", nargs="?", help="a directory written by `organisms train`")
+    show.set_defaults(run=_organisms_show)
     return parser
 
 
@@ -340,7 +368,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.run(args)
     except (ConversionError, CheckpointError, ConfigError, BatchError, AttributionError, CircuitError,
-            GraphError) as error:
+            GraphError, TrainingError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from error
 

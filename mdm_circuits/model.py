@@ -54,10 +54,14 @@ class Transformer(nnx.Module):
     def embed(self, tokens: Int[Array, " T"]) -> Float[Array, "T D"]:
         return jnp.take(self.embedding[...], tokens, axis=0)
 
-    def attention_mask(self, valid: Bool[Array, " S"]) -> Bool[Array, "T S"]:
-        """Which key positions each query may read: real tokens, and for causal models only earlier ones."""
+    def attention_mask(self, valid: Bool[Array, " S"], pattern: Bool[Array, "T S"] | None = None
+                       ) -> Bool[Array, "T S"]:
+        """Which key positions each query may read: real tokens, and among them those the configured
+        attention allows (only earlier ones for a causal model), or those of `pattern` when it is given."""
         n = valid.shape[0]
         mask = jnp.broadcast_to(valid[None, :], (n, n))
+        if pattern is not None:
+            return mask & pattern
         if self.config.attention == "causal":
             mask = mask & jnp.tril(jnp.ones((n, n), dtype=bool))
         return mask
@@ -68,12 +72,16 @@ class Transformer(nnx.Module):
         *,
         valid: Bool[Array, " T"] | None = None,
         positions: Int[Array, " T"] | None = None,
+        pattern: Bool[Array, "T T"] | None = None,
     ) -> Activations:
-        """Run the blocks from input embeddings (cast to the parameter dtype), keeping what each one did."""
+        """Run the blocks from input embeddings (cast to the parameter dtype), keeping what each one did.
+
+        `pattern` replaces the configured attention pattern (e.g. the partly opened causal masks of
+        attention-mask annealing during ARM → MDM adaptation)."""
         n = embeddings.shape[0]
         valid = jnp.ones((n,), dtype=bool) if valid is None else valid
         positions = jnp.arange(n) if positions is None else positions
-        mask = self.attention_mask(valid)
+        mask = self.attention_mask(valid, pattern)
         rope = rotary_tables(positions, self.config.head_dim, self.config.rope_theta)
         residual, head_z, mlp_out = [embeddings.astype(self.embedding.dtype)], [], []
         for block in self.blocks:
@@ -91,11 +99,12 @@ class Transformer(nnx.Module):
             return jnp.einsum("td,vd->tv", normed, self.embedding[...], preferred_element_type=wide)
         return jnp.einsum("td,dv->tv", normed, self.unembedding[...], preferred_element_type=wide)
 
-    def from_embeddings(self, embeddings: Float[Array, "T D"], *, valid=None, positions=None) -> Float[Array, "T V"]:
-        return self.unembed(self.trace(embeddings, valid=valid, positions=positions).residual[-1])
+    def from_embeddings(self, embeddings: Float[Array, "T D"], *, valid=None, positions=None, pattern=None
+                        ) -> Float[Array, "T V"]:
+        return self.unembed(self.trace(embeddings, valid=valid, positions=positions, pattern=pattern).residual[-1])
 
-    def __call__(self, tokens: Int[Array, " T"], *, valid=None, positions=None) -> Float[Array, "T V"]:
-        return self.from_embeddings(self.embed(tokens), valid=valid, positions=positions)
+    def __call__(self, tokens: Int[Array, " T"], *, valid=None, positions=None, pattern=None) -> Float[Array, "T V"]:
+        return self.from_embeddings(self.embed(tokens), valid=valid, positions=positions, pattern=pattern)
 
     def logits_at(self, tokens: Int[Array, " T"], at: Int[Array, " A"], *, valid=None, positions=None
                   ) -> Float[Array, "A V"]:
