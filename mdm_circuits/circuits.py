@@ -20,7 +20,6 @@ import functools
 import heapq
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from mdm_circuits.ablations import Ablation

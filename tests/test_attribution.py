@@ -31,7 +31,6 @@ def test_eap_equals_finite_differences_along_each_edge():
         batch = collate(random_examples(CONFIG, 1, seed=3))
         scores = attribute(model, batch, metrics.logit_difference, method="eap").matrix
         example = batch[0]
-        clean = run(model, model.embed(example.clean), valid=example.valid)
         corrupted = run(model, model.embed(example.corrupted), valid=example.valid)
         graph = Graph.for_model(CONFIG)
         full = jnp.ones((graph.n_sources, graph.n_destinations), jnp.float64)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gguf
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch

@@ -3,7 +3,6 @@ loader, which dequantizes the same file: same weights, two implementations."""
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -12,7 +12,6 @@ those that are not are left out, and the generator fails clearly if too few rema
 from __future__ import annotations
 
 import random
-from typing import Sequence
 
 import tokenizers
 
