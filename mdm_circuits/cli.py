@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from conversion import ConversionError, config_from_hf, convert
-from mdm_circuits import checkpoint
+from mdm_circuits import checkpoint, organisms
 from mdm_circuits.accuracy import common_correct_pool
 from mdm_circuits.attribution import attribute
 from mdm_circuits.batch import BatchError, collate
@@ -26,6 +26,7 @@ from mdm_circuits.diffusion import View
 from mdm_circuits.generation import diffuse, greedy
 from mdm_circuits.graph import Graph, GraphError, NodeKind
 from mdm_circuits.model import with_config
+from mdm_circuits.organisms import recipe
 from mdm_circuits.planning import plan
 from mdm_circuits.presets import PRESETS
 from mdm_circuits.scoring import AttributionError
@@ -231,8 +232,6 @@ def _pool(args: argparse.Namespace) -> None:
 
 
 def _organisms_train(args: argparse.Namespace) -> None:
-    from mdm_circuits.organisms import recipe
-
     chosen = recipe.QUICK if args.quick else recipe.Recipe()
     print(f"building the organisms in {args.out}" + (" (quick smoke-test recipe)" if args.quick else ""), flush=True)
     start = time.perf_counter()
@@ -242,9 +241,6 @@ def _organisms_train(args: argparse.Namespace) -> None:
 
 
 def _organisms_show(args: argparse.Namespace) -> None:
-    from mdm_circuits import organisms
-    from mdm_circuits.organisms import recipe
-
     print(recipe.accuracy_table(organisms.report(args.directory)))
 
 
@@ -351,8 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     pool.add_argument("--out", default="out/pool.jsonl", help="JSONL of {arm, mdm} example pairs")
     pool.set_defaults(run=_pool)
 
-    organisms = commands.add_parser("organisms", help="the shipped ARM/MDM pair trained by this project")
-    organism_commands = organisms.add_subparsers(dest="organisms_command", required=True)
+    organisms_parser = commands.add_parser("organisms", help="the shipped ARM/MDM pair trained by this project")
+    organism_commands = organisms_parser.add_subparsers(dest="organisms_command", required=True)
     train = organism_commands.add_parser("train", help="train the pair and its adaptation trajectory from scratch")
     train.add_argument("out", help="directory for arm/, mdm/, trajectory/ and organisms.json (resumes a build there)")
     train.add_argument("--quick", action="store_true", help="a seconds-long smoke test of the pipeline (tiny model)")
