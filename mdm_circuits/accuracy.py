@@ -83,20 +83,26 @@ def common_correct_pool(task: ModuleType, tokenizer, arm: Transformer, mdm: Tran
     """Draw examples of `task` until `n` are solved by both models or `budget` examples have been drawn.
 
     Examples are drawn in chunks (chunk i with seed `seed` · 1000003 + i), posed to each model in its own
-    view, and deduplicated. `progress` is called with (drawn, pooled, n) after every chunk. The accuracies
-    are over every example drawn.
+    view, and deduplicated: a repeated question is skipped but counts against the budget, so a task with
+    few distinct questions ends with all of them. `progress` is called with (drawn, pooled, n) after every
+    chunk. `Pool.drawn` and the accuracies are over the distinct examples drawn.
     """
     arm_view, mdm_view = View.for_model(arm.config), View.for_model(mdm.config)
     pooled_arm, pooled_mdm, seen = [], [], set()
-    drawn, arm_correct, mdm_correct, index = 0, 0, 0, 0
-    while len(pooled_arm) < n and drawn < budget:
-        size = min(chunk, budget - drawn)
+    attempted, drawn, arm_correct, mdm_correct, index = 0, 0, 0, 0, 0
+    while len(pooled_arm) < n and attempted < budget:
+        size = min(chunk, budget - attempted)
+        attempted += size
         chunk_seed = seed * 1_000_003 + index
         index += 1
         for_arm = task.examples(tokenizer, size, seed=chunk_seed, view=arm_view, max_length=max_length)
         for_mdm = task.examples(tokenizer, size, seed=chunk_seed, view=mdm_view, max_length=max_length)
-        fresh = [i for i, e in enumerate(for_arm) if (tuple(e.clean), tuple(e.corrupted)) not in seen]
-        seen |= {(tuple(for_arm[i].clean), tuple(for_arm[i].corrupted)) for i in fresh}
+        fresh = []
+        for i, example in enumerate(for_arm):
+            question = (tuple(example.clean), tuple(example.corrupted))
+            if question not in seen:
+                seen.add(question)
+                fresh.append(i)
         if not fresh:
             continue
         for_arm, for_mdm = [for_arm[i] for i in fresh], [for_mdm[i] for i in fresh]

@@ -68,6 +68,19 @@ def test_pool_keeps_what_both_solve_and_reports_accuracy(pair):
     assert short.drawn == 50 and len(short.arm) < 1000
 
 
+def test_a_task_with_few_distinct_questions_pools_each_once(pair):
+    """Repeats are skipped but count against the budget, so drawing ends with every distinct question."""
+    arm, mdm = pair
+    successor = successor_task(wrong_every=1_000_000)
+
+    def examples(tokenizer, n, *, seed=0, view=View(), max_length=None):
+        return [successor.examples(tokenizer, 1, seed=1 + (seed + i) % 3, view=view)[0] for i in range(n)]
+
+    few = types.SimpleNamespace(examples=examples, NAME="few")
+    pool = common_correct_pool(few, None, arm, mdm, n=200, budget=100, chunk=10)
+    assert pool.drawn == len(pool.arm) == 3
+
+
 def test_mask_token_never_generated(pair):
     _, mdm = pair
     examples = successor_task(wrong_every=1_000_000).examples(None, 10, seed=3, view=View(MASK))
