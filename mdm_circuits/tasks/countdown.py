@@ -14,9 +14,10 @@ import random
 
 import tokenizers
 
-from mdm_circuits.batch import BatchError, Example
+from mdm_circuits.batch import Example
 from mdm_circuits.diffusion import View
 from mdm_circuits.metrics import log_probability_difference
+from mdm_circuits.tasks.drawing import draw
 from mdm_circuits.tasks.text import continuation, prompt
 
 NAME = "countdown"
@@ -47,11 +48,8 @@ def examples(tokenizer: tokenizers.Tokenizer, n: int, *, seed: int = 0, view: Vi
              max_length: int | None = None) -> list[Example]:
     """`n` Countdown pairs, reproducible for a seed (the same pairs in either view)."""
     rng = random.Random(seed)
-    pairs, attempts = [], 0
-    while len(pairs) < n:
-        attempts += 1
-        if attempts > 200 * n:
-            raise BatchError(f"could not build {n} Countdown pairs of at most {max_length} tokens")
+
+    def attempt(kept: int) -> Example | None:
         numbers = tuple(rng.sample(range(1, LARGEST + 1), N_NUMBERS))
         reachable = sorted({value for _, value in _expressions(numbers) if 1 <= value < 100})
         target, other = rng.sample(reachable, 2)
@@ -61,12 +59,11 @@ def examples(tokenizer: tokenizers.Tokenizer, n: int, *, seed: int = 0, view: Vi
         answer = continuation(tokenizer, " " + solutions(numbers, target)[0])
         other_answer = continuation(tokenizer, " " + solutions(numbers, other)[0])
         if len(question) != len(other_question) or len(answer) != len(other_answer) or answer == other_answer:
-            continue
+            return None
         (clean, positions), (corrupted, _) = view.pose(question, answer), view.pose(other_question, other_answer)
-        if max_length is not None and len(clean) > max_length:
-            continue
         accepted = [tokens for tokens in (continuation(tokenizer, " " + s) for s in solutions(numbers, target))
                     if len(tokens) == len(answer)]
-        pairs.append(Example(clean, corrupted, positions, [[t] for t in answer], [[t] for t in other_answer],
-                             METRIC.name, accepted=accepted))
-    return pairs
+        return Example(clean, corrupted, positions, [[t] for t in answer], [[t] for t in other_answer],
+                       METRIC.name, accepted=accepted)
+
+    return draw(n, attempt, what="Countdown pairs", max_length=max_length, patience=200)

@@ -21,6 +21,7 @@ import tokenizers
 from mdm_circuits.batch import BatchError, Example
 from mdm_circuits.diffusion import View
 from mdm_circuits.metrics import probability_difference
+from mdm_circuits.tasks.drawing import draw
 from mdm_circuits.tasks.text import continuation, prompt
 
 NAME = "greater_than"
@@ -57,11 +58,8 @@ def examples(tokenizer: tokenizers.Tokenizer, n: int, *, seed: int = 0, view: Vi
     mode = year_tokens(tokenizer)
     rng = random.Random(seed)
     endings_of = {}  # century -> {ending: its token}, for two-digit endings
-    pairs, attempts = [], 0
-    while len(pairs) < n:
-        attempts += 1
-        if attempts > 50 * n:
-            raise BatchError(f"could not build {n} Greater-Than prompts of at most {max_length} tokens")
+
+    def attempt(kept: int) -> Example:
         template, noun, century = rng.choice(TEMPLATES), rng.choice(NOUNS), rng.choice(CENTURIES)
         if mode == "pairs":
             start = rng.randint(2, 98)
@@ -79,8 +77,7 @@ def examples(tokenizer: tokenizers.Tokenizer, n: int, *, seed: int = 0, view: Vi
         clean = prompt(tokenizer, template.format(noun=noun, start=f"{century}{start:02d}", century=century))
         corrupted = prompt(tokenizer, template.format(noun=noun, start=f"{century}01", century=century))
         (clean, positions), (corrupted, _) = view.pose(clean, [larger[0]]), view.pose(corrupted, [larger[0]])
-        if len(clean) != len(corrupted) or (max_length is not None and len(clean) > max_length):
-            continue
-        pairs.append(Example(clean, corrupted, positions, [larger], [others], METRIC.name,
-                             accepted=[[token] for token in larger]))
-    return pairs
+        return Example(clean, corrupted, positions, [larger], [others], METRIC.name,
+                       accepted=[[token] for token in larger])
+
+    return draw(n, attempt, what="Greater-Than prompts", max_length=max_length)

@@ -20,6 +20,7 @@ import tokenizers
 from mdm_circuits.batch import BatchError, Example
 from mdm_circuits.diffusion import View
 from mdm_circuits.metrics import logit_difference
+from mdm_circuits.tasks.drawing import draw
 from mdm_circuits.tasks.text import continuation, prompt
 
 NAME = "infilling"
@@ -78,17 +79,13 @@ def examples(tokenizer: tokenizers.Tokenizer, n: int, *, seed: int = 0, view: Vi
         raise BatchError(f"only {len(frames)} infilling frames have single-token answers and deciding words of "
                          f"equal length for this tokenizer; at least 2 are needed")
     rng = random.Random(seed)
-    pairs, attempts = [], 0
-    while len(pairs) < n:
-        attempts += 1
-        if attempts > 50 * n:
-            raise BatchError(f"could not build {n} infilling prompts of at most {max_length} tokens")
+
+    def attempt(kept: int) -> Example:
         sentence, first, second = rng.choice(frames)
         (word, decider), (other, other_decider) = (first, second) if rng.random() < 0.5 else (second, first)
         answer, counterfactual = continuation(tokenizer, " " + word)[0], continuation(tokenizer, " " + other)[0]
         clean, positions = _pose(tokenizer, view, sentence, answer, decider)
         corrupted, _ = _pose(tokenizer, view, sentence, answer, other_decider)
-        if len(clean) != len(corrupted) or (max_length is not None and len(clean) > max_length):
-            continue
-        pairs.append(Example(clean, corrupted, positions, [[answer]], [[counterfactual]], METRIC.name))
-    return pairs
+        return Example(clean, corrupted, positions, [[answer]], [[counterfactual]], METRIC.name)
+
+    return draw(n, attempt, what="infilling prompts", max_length=max_length)

@@ -18,6 +18,7 @@ import tokenizers
 from mdm_circuits.batch import BatchError, Example
 from mdm_circuits.diffusion import View
 from mdm_circuits.metrics import logit_difference
+from mdm_circuits.tasks.drawing import draw
 from mdm_circuits.tasks.text import prompt, single_tokens
 
 NAME = "ioi"
@@ -74,20 +75,16 @@ def examples(tokenizer: tokenizers.Tokenizer, n: int, *, seed: int = 0, view: Vi
     places, objects = _words(tokenizer, PLACES, "places", 1), _words(tokenizer, OBJECTS, "objects", 1)
     name_ids = single_tokens(tokenizer, names)
     rng = random.Random(seed)
-    pairs, attempts = [], 0
-    while len(pairs) < n:
-        attempts += 1
-        if attempts > 50 * n:
-            raise BatchError(f"could not build {n} IOI prompts of at most {max_length} tokens")
+
+    def attempt(kept: int) -> Example:
         template = rng.choice(TEMPLATES)
         a, b, c, d, e = rng.sample(names, 5)
         fill = dict(place=rng.choice(places), object=rng.choice(objects))
-        first, second = (b, a) if len(pairs) % 2 else (a, b)
+        first, second = (b, a) if kept % 2 else (a, b)
         clean = prompt(tokenizer, template.replace("{A} and {B}", f"{first} and {second}").format(A=a, B=b, **fill))
         # ABC: the two first mentions and the repeated subject become three new names.
         corrupted = prompt(tokenizer, template.replace("{A} and {B}", f"{c} and {d}").format(A=c, B=e, **fill))
         (clean, positions), (corrupted, _) = view.pose(clean, [name_ids[a]]), view.pose(corrupted, [name_ids[a]])
-        if len(clean) != len(corrupted) or (max_length is not None and len(clean) > max_length):
-            continue
-        pairs.append(Example(clean, corrupted, positions, [[name_ids[a]]], [[name_ids[b]]], METRIC.name))
-    return pairs
+        return Example(clean, corrupted, positions, [[name_ids[a]]], [[name_ids[b]]], METRIC.name)
+
+    return draw(n, attempt, what="IOI prompts", max_length=max_length)

@@ -1,0 +1,26 @@
+"""Drawing a task's examples: random attempts, each kept or refused, until enough are kept."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from mdm_circuits.batch import BatchError, Example
+
+
+def draw(n: int, attempt: Callable[[int], Example | None], *, what: str, max_length: int | None,
+         patience: int = 50) -> list[Example]:
+    """Call `attempt(number kept so far)` until `n` examples are kept.
+
+    An attempt is refused when it returns None, when its clean and corrupted runs differ in length, or when
+    it is longer than `max_length` tokens. After `patience` · n attempts the draw fails clearly."""
+    examples, attempts = [], 0
+    while len(examples) < n:
+        attempts += 1
+        if attempts > patience * n:
+            raise BatchError(f"could not build {n} {what} of at most {max_length} tokens")
+        example = attempt(len(examples))
+        if example is None or len(example.clean) != len(example.corrupted) or (
+                max_length is not None and len(example.clean) > max_length):
+            continue
+        examples.append(example)
+    return examples
