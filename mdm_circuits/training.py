@@ -188,15 +188,20 @@ def saved_steps(directory: str | Path) -> list[int]:
         return sorted(manager.all_steps())
 
 
+def _restore(manager: ocp.CheckpointManager, step: int, **templates):
+    """The named trees saved at `step`, each shaped like its template."""
+    return manager.restore(step, args=ocp.args.Composite(**{
+        name: ocp.args.PyTreeRestore(tree, restore_args=ocp.checkpoint_utils.construct_restore_args(tree))
+        for name, tree in templates.items()}))
+
+
 def restore_params(directory: str | Path, model: Transformer, step: int) -> Transformer:
     """`model` (any model of the run's shapes and config) with the parameters saved at `step`."""
     graphdef, state = nnx.split(model)
-    template = {"params": nnx.to_pure_dict(state)}
     with _manager(directory, None) as manager:
         if step not in manager.all_steps():
             raise TrainingError(f"{directory} has no checkpoint of step {step}; it has {sorted(manager.all_steps())}")
-        restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.PyTreeRestore(
-            template["params"], restore_args=ocp.checkpoint_utils.construct_restore_args(template["params"]))))
+        restored = _restore(manager, step, params=nnx.to_pure_dict(state))
     nnx.replace_by_pure_dict(state, restored["params"])
     return nnx.merge(graphdef, state)
 
@@ -250,10 +255,7 @@ def train(
             if start > config.steps:
                 raise TrainingError(f"{directory} holds a checkpoint of step {start}, past this run's "
                                     f"{config.steps} steps; use a fresh directory")
-            target = {"params": nnx.to_pure_dict(params), "opt_state": opt_state}
-            restored = manager.restore(start, args=ocp.args.Composite(**{
-                name: ocp.args.PyTreeRestore(tree, restore_args=ocp.checkpoint_utils.construct_restore_args(tree))
-                for name, tree in target.items()}))
+            restored = _restore(manager, start, params=nnx.to_pure_dict(params), opt_state=opt_state)
             nnx.replace_by_pure_dict(params, restored["params"])
             opt_state = restored["opt_state"]
             progress(f"resuming from step {start} ({directory})")
