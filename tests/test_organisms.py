@@ -66,10 +66,11 @@ def test_the_trajectory_starts_at_the_arm_and_ends_at_the_mdm(pair):
         organisms.trajectory_model(1)
 
 
-def test_the_shipped_files_are_small():
-    sizes = [file.stat().st_size for file in organisms.SHIPPED.rglob("*")
-             if file.is_file() and "work" not in file.relative_to(organisms.SHIPPED).parts]  # a local rebuild's state
-    assert sum(sizes) < 30e6
+def test_the_shipped_files_are_small_and_carry_no_machine_paths():
+    shipped = [file for file in organisms.SHIPPED.rglob("*")
+               if file.is_file() and recipe.TRAINING_STATE not in file.relative_to(organisms.SHIPPED).parts]
+    assert sum(file.stat().st_size for file in shipped) < 30e6
+    assert not [file for file in shipped if file.name == "commit_success.txt"]  # orbax writes the save's path
 
 
 def _sample(view, n):
@@ -127,6 +128,7 @@ def test_the_cli_builds_a_set_that_loads_and_a_rerun_gives_the_same_accuracies(t
     built = organisms.load(tmp_path / "a")
     assert built.mdm.config.is_mdm and built.arm.config.attention == "causal"
     first = organisms.report(tmp_path / "a")
+    assert not list((tmp_path / "a" / organisms.ARM).rglob("commit_success.txt"))
     assert len(first["trajectory_steps"]) == recipe.QUICK.trajectory
     # Rerunning the finished build resumes at the end of both stages and reports the same numbers.
     cli.main(["organisms", "train", str(tmp_path / "a"), "--quick"])

@@ -33,6 +33,7 @@ from mdm_circuits.training import (Corpus, TrainConfig, TrainingError, masked_di
                                    sample_masks, saved_steps, train)
 
 TRAIN_SEED = 10**12
+TRAINING_STATE = "training_state"  # the resumable checkpoints inside a build directory (never shipped)
 EVAL_SEED = 0
 
 
@@ -145,6 +146,13 @@ def _unseen(arm_corpus: Corpus, examples: dict[str, list[Example]]) -> dict[str,
             for name, posed in examples.items()}
 
 
+def _remove_commit_markers(directory: Path) -> None:
+    """Orbax marks a finished save with a file holding the saving machine's absolute path. Restores from a
+    local directory never read it, and shipped package data must not carry the build machine's paths."""
+    for marker in directory.rglob("commit_success.txt"):
+        marker.unlink()
+
+
 def _directory_size(path: Path) -> int:
     return sum(file.stat().st_size for file in path.rglob("*") if file.is_file())
 
@@ -153,11 +161,11 @@ def build(directory: str | Path, recipe: Recipe = Recipe(), *, work: str | Path 
           progress: Callable[[str], None] = print) -> dict:
     """Train both organisms and write them, the adaptation trajectory and the report to `directory`.
 
-    Resumable: the training checkpoints live in `work` (default `directory`/work) and a rerun continues
+    Resumable: the training checkpoints live in `work` (default `directory`/training_state) and a rerun continues
     from them (the timings then cover only the rerun). Returns the report (also `directory`/organisms.json).
     """
     directory = Path(directory).absolute()
-    work = directory / "work" if work is None else Path(work).absolute()
+    work = directory / TRAINING_STATE if work is None else Path(work).absolute()
     (directory / REPORT).unlink(missing_ok=True)  # an interrupted build never looks complete
     tokenizer = vocabulary.build()
     arm_config = recipe.model_config(tokenizer)
@@ -192,6 +200,8 @@ def build(directory: str | Path, recipe: Recipe = Recipe(), *, work: str | Path 
     shutil.rmtree(directory / TRAJECTORY, ignore_errors=True)
     for step in steps[1:-1]:  # step 0 is the ARM's weights, the last step the MDM's
         checkpoint.save(directory / TRAJECTORY / f"step_{step:06d}", along[step])
+    for name in (ARM, MDM, TRAJECTORY):
+        _remove_commit_markers(directory / name)
 
     progress(f"evaluating on {recipe.eval_examples} held-out questions per task")
     began = time.perf_counter()
