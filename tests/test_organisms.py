@@ -10,9 +10,10 @@ import pytest
 from flax import nnx
 
 from mdm_circuits import checkpoint, cli, organisms
+from mdm_circuits.accuracy import common_correct_pool
 from mdm_circuits.diffusion import View
 from mdm_circuits.organisms import recipe, vocabulary
-from mdm_circuits.tasks import TASKS, greater_than
+from mdm_circuits.tasks import TASKS, greater_than, infilling
 
 README = Path(__file__).parents[1] / "README.md"
 
@@ -33,6 +34,7 @@ def test_the_tokenizer_poses_every_task_in_both_views():
             for example in task.examples(tokenizer, 20, seed=3, view=view):
                 assert vocabulary.UNK not in tokenizer.decode(example.clean, skip_special_tokens=False)
                 assert (mask in example.clean) == view.is_mdm
+    assert infilling.usable_frames(tokenizer) == list(infilling.FRAMES)  # every infilling choice is posable
 
 
 def test_the_shipped_pair_is_an_arm_and_the_mdm_post_trained_from_it(pair):
@@ -114,6 +116,12 @@ def test_the_targets_of_the_shipped_pair_are_met():
     for name in ("arm", "mdm"):
         assert accuracy[name]["ioi"] >= 0.85 and accuracy[name]["greater_than"] >= 0.85
         assert accuracy[name]["countdown"] >= 0.25 and accuracy[name]["infilling"] >= 0.25
+
+
+@pytest.mark.parametrize("task", TASKS.values(), ids=TASKS.keys())
+def test_every_task_has_a_common_correct_pool_of_200(pair, task):
+    pool = common_correct_pool(task, pair.tokenizer, pair.arm, pair.mdm, n=200, budget=1000)
+    assert len(pool.arm) == len(pool.mdm) == 200
 
 
 def test_loading_a_directory_without_organisms_says_how_to_build_them(tmp_path):

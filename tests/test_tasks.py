@@ -104,8 +104,8 @@ def pattern_tokenizer(pattern: str, texts) -> tokenizers.Tokenizer:
 
 
 NUMBERS = [f"{a}{b}" for a in " x" for b in [str(d) for d in range(10)] + [f"{d:02d}" for d in range(100)]]
-TEXTS = [" ".join(ioi.TEMPLATES + greater_than.TEMPLATES + tuple(f[0] for f in infilling.FRAMES) + (countdown.PROMPT,)),
-         " " + " ".join(greater_than.NOUNS), " " + " ".join(w for f in infilling.FRAMES for w in (*f[1], *f[2])),
+TEXTS = [" ".join(ioi.TEMPLATES + greater_than.TEMPLATES + tuple(f.sentence for f in infilling.FRAMES) + (countdown.PROMPT,)),
+         " " + " ".join(greater_than.NOUNS), " " + " ".join(w for f in infilling.FRAMES for c in f.choices for w in c),
          " ___ Fill in the blank Numbers Target Solution + - , . : \n" + " ".join(NUMBERS)]
 TEXTS.append(",".join(" ".join(TEXTS).split()))  # every word also at the start of a text, without its space
 DIGITS = r" ?[A-Za-z_]+| ?\d|[^\sA-Za-z\d_]| "
@@ -171,6 +171,29 @@ def test_infilling_poses_the_context_after_the_mask_for_an_mdm_and_before_the_an
     assert arm.answer_positions == [len(arm.clean)]                  # the answer comes after the question
     assert mdm.answer_positions[0] < len(mdm.clean) - 1              # the deciding words follow the mask
     assert arm.correct == mdm.correct and arm.incorrect == mdm.incorrect
+
+
+def test_infilling_pairs_only_choices_whose_deciders_have_the_same_length():
+    for frame in infilling.FRAMES:
+        words, deciders = zip(*frame.choices)
+        assert len(set(words)) == len(words) and len(set(deciders)) == len(deciders)
+        assert frame.sentence.index("{word}") < frame.sentence.index("{decider}")
+    # "-ed" split off: "sailed" = " sail" "ed" is two tokens, "flew" and "swam" one each.
+    tokenizer = pattern_tokenizer(r" ?[A-Za-z]+?(?=ed\b)|ed\b" + "|" + DIGITS, TEXTS)
+    assert tokenizer.encode(" sailed flew").tokens == [" sail", "ed", " flew"]
+    usable = infilling.usable_frames(tokenizer)
+    assert [f.choices for f in usable if "sea" in f.sentence] == [(("plane", "flew"), ("whale", "swam"))]
+    kitchen = next(f for f in infilling.FRAMES if "kitchen" in f.sentence)
+    assert [f.choices for f in usable if "kitchen" in f.sentence] == [kitchen.choices[1:]]  # not "rang"
+    examples = infilling.examples(tokenizer, 50, seed=0)
+    assert all(len(e.clean) == len(e.corrupted) for e in examples)
+
+
+def test_infilling_refuses_a_tokenizer_that_cannot_pose_any_frame():
+    tokenizer = word_tokenizer([" dog"])  # every other answer is the same [UNK], so no frame has two answers
+    assert infilling.usable_frames(tokenizer) == []
+    with pytest.raises(BatchError, match="no infilling frame"):
+        infilling.examples(tokenizer, 1)
 
 
 def test_user_examples_from_jsonl(tmp_path):

@@ -30,8 +30,8 @@ def task_texts() -> list[str]:
     """Every template and word the four tasks can write (placeholders left out)."""
     texts = [*ioi.TEMPLATES, *ioi.NAMES, *ioi.PLACES, *ioi.OBJECTS, *greater_than.TEMPLATES, *greater_than.NOUNS,
              countdown.PROMPT, "+ -", infilling.BLANK, infilling.ARM_QUESTION]
-    for sentence, (word, decider), (other, other_decider) in infilling.FRAMES:
-        texts += [sentence, word, decider, other, other_decider]
+    for frame in infilling.FRAMES:
+        texts += [frame.sentence, *(word for choice in frame.choices for word in choice)]
     texts += [str(d) for d in range(10)] + [f"{n:02d}" for n in range(100)]
     return [_PLACEHOLDER.sub(" ", text) for text in texts]
 

@@ -7,12 +7,15 @@ The metric is the logit difference, answer minus counterfactual.
   the blank: The ___ barked at the mailman.\nThe" → " dog", so the deciding context lies to the left of
   the answer.
 
-Frames whose answers are not single tokens, or whose two deciding words differ in token count, are left
-out for the tokenizer at hand.
+A frame holds several (word, decider) choices; any two make a pair. Choices whose answer is not a single
+token are left out for the tokenizer at hand, and only choices whose deciders have equal token counts are
+paired.
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import random
 
 import tokenizers
@@ -28,36 +31,88 @@ METRIC = logit_difference
 
 BLANK = "___"
 ARM_QUESTION = "Fill in the blank:"
-# (sentence, (answer, deciding word), (other answer, other deciding word)); {word} and {decider} placeholders.
+
+
+@dataclasses.dataclass(frozen=True)
+class Frame:
+    """A sentence with a blank ({word}) decided by a later word ({decider}), and the (word, decider) choices
+    that fill it. Each decider fits its own word and none of the others, so any two choices make a clean
+    and a corrupted question."""
+
+    sentence: str
+    choices: tuple[tuple[str, str], ...]
+
+
 FRAMES = (
-    ("The {word} {decider} at the mailman.", ("dog", "barked"), ("cat", "meowed")),
-    ("The {word} {decider} in the stable.", ("horse", "neighed"), ("cow", "mooed")),
-    ("The {word} {decider} in the forest at night.", ("owl", "hooted"), ("wolf", "howled")),
-    ("The {word} {decider} across the sea.", ("ship", "sailed"), ("plane", "flew")),
-    ("The {word} {decider} on the sofa.", ("cat", "purred"), ("dog", "barked")),
-    ("The {word} {decider} behind the wall.", ("mouse", "squeaked"), ("bird", "chirped")),
-    ("The {word} {decider} through the grass.", ("snake", "slithered"), ("rabbit", "hopped")),
-    ("The {word} {decider} in the kitchen.", ("phone", "rang"), ("kettle", "whistled")),
-    ("The {word} {decider} on the pond.", ("duck", "quacked"), ("frog", "croaked")),
-    ("The {word} {decider} around the flowers.", ("bee", "buzzed"), ("butterfly", "fluttered")),
-    ("The {word} {decider} in the jungle.", ("lion", "roared"), ("monkey", "chattered")),
-    ("The {word} {decider} in the field.", ("sheep", "bleated"), ("cow", "mooed")),
-    ("The {word} {decider} in the mud.", ("pig", "oinked"), ("duck", "quacked")),
-    ("The {word} {decider} at dawn.", ("rooster", "crowed"), ("dog", "barked")),
-    ("The {word} {decider} in the river.", ("fish", "swam"), ("bear", "fished")),
-    ("The {word} {decider} over the fence.", ("horse", "jumped"), ("ball", "bounced")),
+    Frame("The {word} {decider} at the mailman.", (("dog", "barked"), ("cat", "meowed"), ("parrot", "squawked"))),
+    Frame("The {word} {decider} in the stable.", (("horse", "neighed"), ("cow", "mooed"), ("donkey", "brayed"))),
+    Frame("The {word} {decider} in the forest at night.",
+          (("owl", "hooted"), ("wolf", "howled"), ("bear", "growled"), ("cricket", "chirped"))),
+    Frame("The {word} {decider} across the sea.", (("ship", "sailed"), ("plane", "flew"), ("whale", "swam"))),
+    Frame("The {word} {decider} on the sofa.", (("cat", "purred"), ("dog", "barked"), ("baby", "giggled"))),
+    Frame("The {word} {decider} behind the wall.", (("mouse", "squeaked"), ("bird", "chirped"), ("clock", "ticked"))),
+    Frame("The {word} {decider} through the grass.", (("snake", "slithered"), ("rabbit", "hopped"))),
+    Frame("The {word} {decider} in the kitchen.",
+          (("phone", "rang"), ("kettle", "whistled"), ("clock", "ticked"), ("fridge", "hummed"),
+           ("tap", "dripped"), ("bacon", "sizzled"), ("oven", "beeped"), ("chef", "cooked"))),
+    Frame("The {word} {decider} on the pond.", (("duck", "quacked"), ("frog", "croaked"), ("swan", "glided"))),
+    Frame("The {word} {decider} around the flowers.", (("bee", "buzzed"), ("butterfly", "fluttered"))),
+    Frame("The {word} {decider} in the jungle.",
+          (("lion", "roared"), ("monkey", "chattered"), ("elephant", "trumpeted"), ("parrot", "squawked"),
+           ("snake", "hissed"))),
+    Frame("The {word} {decider} in the field.", (("sheep", "bleated"), ("cow", "mooed"), ("tractor", "rumbled"))),
+    Frame("The {word} {decider} in the mud.", (("pig", "oinked"), ("duck", "quacked"), ("worm", "wriggled"))),
+    Frame("The {word} {decider} at dawn.", (("rooster", "crowed"), ("dog", "barked"), ("sun", "rose"))),
+    Frame("The {word} {decider} in the river.", (("fish", "swam"), ("bear", "fished"), ("boat", "drifted"))),
+    Frame("The {word} {decider} over the fence.", (("horse", "jumped"), ("ball", "bounced"))),
+    Frame("The {word} {decider} in the farmyard.",
+          (("dog", "barked"), ("cat", "meowed"), ("cow", "mooed"), ("horse", "neighed"), ("sheep", "bleated"),
+           ("pig", "oinked"), ("duck", "quacked"), ("rooster", "crowed"), ("donkey", "brayed"), ("hen", "clucked"),
+           ("goose", "honked"), ("turkey", "gobbled"))),
+    Frame("The {word} {decider} all day.",
+          (("baker", "baked"), ("painter", "painted"), ("writer", "wrote"), ("teacher", "taught"),
+           ("builder", "built"), ("driver", "drove"), ("singer", "sang"), ("dancer", "danced"),
+           ("hunter", "hunted"), ("fisherman", "fished"), ("swimmer", "swam"), ("runner", "ran"),
+           ("climber", "climbed"), ("gardener", "weeded"))),
+    Frame("The {word} {decider} in the pan.",
+          (("bacon", "sizzled"), ("popcorn", "popped"), ("soup", "simmered"), ("butter", "melted"),
+           ("water", "boiled"))),
+    Frame("The {word} {decider} in the distance.",
+          (("bell", "tolled"), ("drum", "boomed"), ("siren", "wailed"), ("thunder", "rumbled"),
+           ("wolf", "howled"))),
+    Frame("The {word} {decider} in the dark.",
+          (("candle", "flickered"), ("star", "twinkled"), ("firefly", "glowed"), ("owl", "hooted"),
+           ("door", "creaked"))),
+    Frame("The {word} {decider} over the hills.",
+          (("wind", "blew"), ("thunder", "rumbled"), ("rain", "poured"), ("lightning", "flashed"),
+           ("sun", "shone"), ("eagle", "soared"))),
+    Frame("The {word} {decider} the paper.",
+          (("stapler", "stapled"), ("eraser", "erased"), ("printer", "printed"), ("shredder", "shredded"))),
+    Frame("The {word} {decider} the floor.", (("broom", "swept"), ("mop", "wiped"), ("dog", "licked"))),
+    Frame("The {word} {decider} in the garden.",
+          (("flower", "bloomed"), ("bee", "buzzed"), ("cricket", "chirped"), ("sprinkler", "sprayed"))),
+    Frame("The {word} {decider} down the hill.",
+          (("ball", "rolled"), ("river", "flowed"), ("skier", "skied"), ("sled", "slid"))),
+    Frame("The {word} {decider} on the branch.", (("bird", "perched"), ("apple", "ripened"), ("monkey", "swung"))),
+    Frame("The {word} {decider} the nuts under the tree.", (("squirrel", "buried"), ("hammer", "cracked"))),
+    Frame("The {word} {decider} into the station.", (("train", "chugged"), ("crowd", "poured"), ("pigeon", "fluttered"))),
+    Frame("The {word} {decider} out of its shell.", (("chick", "hatched"), ("snail", "crept"))),
+    Frame("The {word} {decider} its tail.", (("dog", "wagged"), ("peacock", "fanned"), ("lizard", "dropped"))),
 )
 
 
-def usable_frames(tokenizer: tokenizers.Tokenizer) -> list[tuple[str, tuple[str, str], tuple[str, str]]]:
-    """The frames whose answers are single tokens and whose deciding words have the same token count."""
+def usable_frames(tokenizer: tokenizers.Tokenizer) -> list[Frame]:
+    """The frames cut down to the choices this tokenizer can pose: single-token words with distinct tokens,
+    grouped by their deciders' token count (a clean and a corrupted question must align); a group needs two."""
     usable = []
     for frame in FRAMES:
-        sentence, (word, decider), (other, other_decider) = frame
-        words = [continuation(tokenizer, " " + w) for w in (word, other)]
-        deciders = [continuation(tokenizer, " " + d) for d in (decider, other_decider)]
-        if all(len(w) == 1 for w in words) and words[0] != words[1] and len(deciders[0]) == len(deciders[1]):
-            usable.append(frame)
+        answers = {word: continuation(tokenizer, " " + word) for word, _ in frame.choices}
+        tokens = collections.Counter(tuple(a) for a in answers.values())
+        by_decider_length = collections.defaultdict(list)
+        for word, decider in frame.choices:
+            if len(answers[word]) == 1 and tokens[tuple(answers[word])] == 1:
+                by_decider_length[len(continuation(tokenizer, " " + decider))].append((word, decider))
+        usable += [Frame(frame.sentence, tuple(group)) for group in by_decider_length.values() if len(group) >= 2]
     return usable
 
 
@@ -72,20 +127,21 @@ def _pose(tokenizer, view, sentence, answer_token, decider):
 
 def examples(tokenizer: tokenizers.Tokenizer, n: int, *, seed: int = 0, view: View = View(),
              max_length: int | None = None) -> list[Example]:
-    """`n` infilling pairs, reproducible for a seed (the same pairs in either view); each frame is used in
-    both directions (either answer as the clean one)."""
+    """`n` infilling pairs, reproducible for a seed (the same pairs in either view): a frame, then two of its
+    choices, the first clean and the second corrupted."""
     frames = usable_frames(tokenizer)
-    if len(frames) < 2:
-        raise BatchError(f"only {len(frames)} infilling frames have single-token answers and deciding words of "
-                         f"equal length for this tokenizer; at least 2 are needed")
+    if not frames:
+        raise BatchError("no infilling frame has two single-token answers whose deciding words have the same "
+                         "token count for this tokenizer; add frames to tasks.infilling.FRAMES or pose your own "
+                         "examples with tasks.jsonl")
     rng = random.Random(seed)
 
     def attempt(kept: int) -> Example:
-        sentence, first, second = rng.choice(frames)
-        (word, decider), (other, other_decider) = (first, second) if rng.random() < 0.5 else (second, first)
+        frame = rng.choice(frames)
+        (word, decider), (other, other_decider) = rng.sample(frame.choices, 2)
         answer, counterfactual = continuation(tokenizer, " " + word)[0], continuation(tokenizer, " " + other)[0]
-        clean, positions = _pose(tokenizer, view, sentence, answer, decider)
-        corrupted, _ = _pose(tokenizer, view, sentence, answer, other_decider)
+        clean, positions = _pose(tokenizer, view, frame.sentence, answer, decider)
+        corrupted, _ = _pose(tokenizer, view, frame.sentence, answer, other_decider)
         return Example(clean, corrupted, positions, [[answer]], [[counterfactual]], METRIC.name)
 
     return draw(n, attempt, what="infilling prompts", max_length=max_length)
