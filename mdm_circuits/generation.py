@@ -7,9 +7,10 @@ Diffusion decoding (`diffuse`): the given positions, which hold the mask token, 
 At each step the model reads the whole sequence (bidirectionally); every still-masked position gets a
 candidate token (the most likely, or a sample at `temperature`) and a score; the step reveals the
 best-scoring masked positions, as many as keep the reveals even over the steps. A position p is read
-from the logits at `config.read_position(p)` (p − 1 for Dream and DiffuLLaMA, p for LLaDA). Scores ("unmasking"): the candidate's
-probability ("confidence"), the gap between the two most likely tokens ("margin"), the negative entropy
-("entropy"), or a seeded random draw ("random"). The mask token itself is never a candidate.
+from the logits at `config.read_position(p)` (p − 1 for Dream and DiffuLLaMA, p for LLaDA). Scores
+("unmasking"): the candidate's probability ("confidence"), the gap between the two most likely tokens
+("margin"), the negative entropy ("entropy"), or a seeded random draw ("random"). The mask token itself is
+never a candidate.
 """
 
 from __future__ import annotations

@@ -147,5 +147,6 @@ def test_the_cli_builds_a_set_that_loads_and_a_rerun_gives_the_same_accuracies(t
     # A build from scratch elsewhere gives the same weights and accuracies.
     recipe.build(tmp_path / "b", recipe.QUICK, progress=lambda line: None)
     assert organisms.report(tmp_path / "b")["accuracy"] == first["accuracy"]
-    for a, b in zip(jax.tree.leaves(nnx.state(built.mdm)), jax.tree.leaves(nnx.state(organisms.load(tmp_path / "b").mdm))):
+    rebuilt = organisms.load(tmp_path / "b")
+    for a, b in zip(jax.tree.leaves(nnx.state(built.mdm)), jax.tree.leaves(nnx.state(rebuilt.mdm))):
         np.testing.assert_array_equal(a, b)

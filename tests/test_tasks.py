@@ -104,7 +104,8 @@ def pattern_tokenizer(pattern: str, texts) -> tokenizers.Tokenizer:
 
 
 NUMBERS = [f"{a}{b}" for a in " x" for b in [str(d) for d in range(10)] + [f"{d:02d}" for d in range(100)]]
-TEXTS = [" ".join(ioi.TEMPLATES + greater_than.TEMPLATES + tuple(f.sentence for f in infilling.FRAMES) + (countdown.PROMPT,)),
+SENTENCES = ioi.TEMPLATES + greater_than.TEMPLATES + tuple(f.sentence for f in infilling.FRAMES) + (countdown.PROMPT,)
+TEXTS = [" ".join(SENTENCES),
          " " + " ".join(greater_than.NOUNS), " " + " ".join(w for f in infilling.FRAMES for c in f.choices for w in c),
          " ___ Fill in the blank Numbers Target Solution + - , . : \n" + " ".join(NUMBERS)]
 TEXTS.append(",".join(" ".join(TEXTS).split()))  # every word also at the start of a text, without its space

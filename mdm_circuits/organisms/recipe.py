@@ -206,8 +206,8 @@ def build(directory: str | Path, recipe: Recipe = Recipe(), *, work: str | Path 
     progress(f"evaluating on {recipe.eval_examples} held-out questions per task")
     began = time.perf_counter()
     summary, trajectory_accuracy, trajectory_loss = _evaluate(
-        tokenizer, views, corpora[ARM], {ARM: arm, MDM: mdm}, {step: along[step] for step in steps}, recipe.eval_examples,
-        progress)
+        tokenizer, views, corpora[ARM], {ARM: arm, MDM: mdm}, {step: along[step] for step in steps},
+        recipe.eval_examples, progress)
     timings["evaluation_s"] = time.perf_counter() - began
     result = {
         "recipe": recipe.to_dict(),

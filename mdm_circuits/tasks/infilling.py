@@ -95,7 +95,8 @@ FRAMES = (
           (("ball", "rolled"), ("river", "flowed"), ("skier", "skied"), ("sled", "slid"))),
     Frame("The {word} {decider} on the branch.", (("bird", "perched"), ("apple", "ripened"), ("monkey", "swung"))),
     Frame("The {word} {decider} the nuts under the tree.", (("squirrel", "buried"), ("hammer", "cracked"))),
-    Frame("The {word} {decider} into the station.", (("train", "chugged"), ("crowd", "poured"), ("pigeon", "fluttered"))),
+    Frame("The {word} {decider} into the station.",
+          (("train", "chugged"), ("crowd", "poured"), ("pigeon", "fluttered"))),
     Frame("The {word} {decider} out of its shell.", (("chick", "hatched"), ("snail", "crept"))),
     Frame("The {word} {decider} its tail.", (("dog", "wagged"), ("peacock", "fanned"), ("lizard", "dropped"))),
 )
