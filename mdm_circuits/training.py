@@ -113,9 +113,16 @@ def _cross_entropy(logits: Float[Array, "... V"], targets: Int[Array, "..."]) ->
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
 
 
+def _batched_logits(model: Transformer, tokens: Int[Array, "B T"], valid: Bool[Array, "B T"],
+                    patterns: Bool[Array, "B T T"] | None = None) -> Float[Array, "B T V"]:
+    """The model's logits for each row (under each row's attention pattern when `patterns` is given)."""
+    return jax.vmap(lambda row, row_valid, pattern: model(row, valid=row_valid, pattern=pattern))(
+        tokens, valid, patterns)
+
+
 def causal_lm_loss(model: Transformer, batch: Corpus) -> Float[Array, ""]:
     """Mean next-token cross-entropy over the positions whose next token is real."""
-    logits = jax.vmap(lambda tokens, valid: model(tokens, valid=valid))(batch.tokens, batch.valid)
+    logits = _batched_logits(model, batch.tokens, batch.valid)
     counted = batch.valid[:, 1:] & batch.valid[:, :-1]
     losses = _cross_entropy(logits[:, :-1], batch.tokens[:, 1:])
     return jnp.sum(jnp.where(counted, losses, 0.0)) / jnp.maximum(jnp.sum(counted, dtype=jnp.float32), 1.0)
@@ -146,11 +153,7 @@ def masked_diffusion_loss(model: Transformer, batch: Corpus, masked: Bool[Array,
     # The first position has no output before it to be read from under the logit shift.
     masked = masked & batch.valid & (jnp.arange(length) >= (1 if config.logit_shift else 0))[None, :]
     inputs = jnp.where(masked, config.mask_token_id, batch.tokens)
-    if patterns is None:
-        logits = jax.vmap(lambda tokens, valid: model(tokens, valid=valid))(inputs, batch.valid)
-    else:
-        logits = jax.vmap(lambda tokens, valid, pattern: model(tokens, valid=valid, pattern=pattern))(
-            inputs, batch.valid, patterns)
+    logits = _batched_logits(model, inputs, batch.valid, patterns)
     read = jnp.clip(config.read_position(jnp.arange(length)), 0, length - 1)
     losses = _cross_entropy(logits[:, read], batch.tokens)
     weighted = jnp.where(masked, losses / t[:, None], 0.0)

@@ -254,7 +254,7 @@ def _spread(total: int, count: int, saved: list[int]) -> list[int]:
     chosen = sorted({min(saved, key=lambda s: abs(s - target)) for target in targets})
     if len(chosen) < count:
         raise TrainingError(f"the adaptation saved only {saved}; {count} trajectory checkpoints need more "
-                         f"(lower checkpoint_every)")
+                            f"(lower checkpoint_every)")
     return [int(step) for step in chosen]
 
 
