@@ -19,8 +19,8 @@ from conversion.gguf_files import BUNDLED, GGUFCheckpoint, bundled_path
 from conversion.hf_configs import config_from_hf
 from conversion.safetensors_files import SafetensorsCheckpoint
 from conversion.tables import GGUF_LLAMA, GGUF_QWEN2, FamilyNames
-from mdm_circuits.config import ModelConfig
-from mdm_circuits.model import Transformer, abstract_model
+from mdm_circuits.model.config import ModelConfig
+from mdm_circuits.model.transformer import Transformer, abstract_model
 
 DType = Literal["auto", "float32", "bfloat16"]
 Progress = Callable[[int, int], None]

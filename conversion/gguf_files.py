@@ -12,9 +12,9 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
 
-from conversion.errors import ConversionError
 from conversion.conventions import resolve_conventions
-from mdm_circuits.config import ConfigError, ModelConfig
+from conversion.errors import ConversionError
+from mdm_circuits.model.config import ConfigError, ModelConfig
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 

@@ -11,7 +11,7 @@ import re
 
 from conversion import transforms
 from conversion.transforms import Transform
-from mdm_circuits.config import ModelConfig
+from mdm_circuits.model.config import ModelConfig
 
 ParameterPath = tuple[str | int, ...]
 

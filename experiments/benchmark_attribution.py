@@ -19,11 +19,10 @@ import jax
 import jax.numpy as jnp
 
 from conversion import convert
-from mdm_circuits import metrics
-from mdm_circuits.attribution import attribute
-from mdm_circuits.batch import collate
-from mdm_circuits.graph import Graph
-from mdm_circuits.tasks import ioi
+from mdm_circuits.circuits.attribution import attribute
+from mdm_circuits.circuits.graph import Graph
+from mdm_circuits.tasks import ioi, metrics
+from mdm_circuits.tasks.batch import collate
 
 REFERENCE_SECONDS = {"eap": 54.0, "eap_ig_inputs": 216.0}
 

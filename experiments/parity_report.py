@@ -7,7 +7,6 @@ Uses the same tiny random models as tests/test_parity.py (float32, 3 layers, d_m
 
 from __future__ import annotations
 
-import sys
 import tempfile
 from pathlib import Path
 
@@ -15,11 +14,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from conftest import save_hf, tiny_torch_model, torch_logits  # noqa: E402
-
-from conversion import convert  # noqa: E402
-from mdm_circuits.model import activations, forward, with_config  # noqa: E402
+from conversion import convert
+from mdm_circuits.model.transformer import activations, forward, with_config
+from mdm_circuits.testing import save_hf, tiny_torch_model, torch_logits
 
 
 def main() -> None:

@@ -15,10 +15,10 @@ import time
 import numpy as np
 
 from conversion import convert
-from mdm_circuits.accuracy import solved
-from mdm_circuits.diffusion import View
-from mdm_circuits.model import with_config
+from mdm_circuits.decoding.accuracy import solved
+from mdm_circuits.model.transformer import with_config
 from mdm_circuits.tasks import TASKS
+from mdm_circuits.tasks.views import View
 
 
 def main() -> None:

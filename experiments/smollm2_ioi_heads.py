@@ -15,11 +15,11 @@ import time
 import numpy as np
 
 from conversion import convert
-from mdm_circuits.attribution import attribute
-from mdm_circuits.batch import collate
-from mdm_circuits.graph import NodeKind
-from mdm_circuits.patching import patch_nodes
+from mdm_circuits.circuits.attribution import attribute
+from mdm_circuits.circuits.graph import NodeKind
+from mdm_circuits.circuits.patching import patch_nodes
 from mdm_circuits.tasks import ioi
+from mdm_circuits.tasks.batch import collate
 
 
 def main() -> None:

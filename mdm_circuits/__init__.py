@@ -1,17 +1,20 @@
 """mdm_circuits: comparative circuit analysis of autoregressive LMs and the masked diffusion LMs
 post-trained from them, in JAX/Flax.
 
-The model core: `ModelConfig` (frozen), the `Transformer` NNX module, and pure functions of
-(graphdef, state, inputs) that compose with `jax.jit`, `jax.vmap` and `jax.grad`.
+Subpackages, imports pointing down: `model` (config, layers, transformer, checkpoints, presets, planning),
+`tasks` (examples and batches, metrics, ARM/MDM views, the task generators), `circuits` (graph,
+interventions, attribution, patching, circuit selection and evaluation), `decoding` (generation, denoising
+steps, accuracy), `training`, `organisms` (the shipped ARM/MDM pair) and `cli`.
 """
 
-from mdm_circuits import checkpoint
-from mdm_circuits.config import ConfigError, ModelConfig
 from mdm_circuits.model import (
     Activations,
+    ConfigError,
+    ModelConfig,
     Transformer,
     abstract_model,
     activations,
+    checkpoint,
     count_parameters,
     forward,
     forward_from_embeddings,

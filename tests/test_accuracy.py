@@ -8,10 +8,10 @@ import types
 import numpy as np
 import pytest
 
-from mdm_circuits.accuracy import common_correct_pool, generate_answers, solved
-from mdm_circuits.batch import Example
-from mdm_circuits.diffusion import View
-from mdm_circuits.model import with_config
+from mdm_circuits.decoding.accuracy import common_correct_pool, generate_answers, solved
+from mdm_circuits.model.transformer import with_config
+from mdm_circuits.tasks.batch import Example
+from mdm_circuits.tasks.views import View
 from test_diffusion import successor_model
 
 MASK = 11

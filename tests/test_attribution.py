@@ -9,15 +9,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import random_examples, random_model, run as run_model
-from mdm_circuits import metrics
-from mdm_circuits.ablations import Ablation
-from mdm_circuits.attribution import attribute
-from mdm_circuits.batch import Example, collate
-from mdm_circuits.config import ModelConfig
-from mdm_circuits.graph import Graph, Port
-from mdm_circuits.interventions import EdgeWeights, Interventions, run
-from mdm_circuits.scoring import AttributionError, read_logits
+from conftest import run as run_model
+from mdm_circuits.circuits.ablations import Ablation
+from mdm_circuits.circuits.attribution import attribute
+from mdm_circuits.circuits.graph import Graph, Port
+from mdm_circuits.circuits.interventions import EdgeWeights, Interventions, run
+from mdm_circuits.circuits.runs import read_logits
+from mdm_circuits.circuits.scores import AttributionError
+from mdm_circuits.model.config import ModelConfig
+from mdm_circuits.tasks import metrics
+from mdm_circuits.tasks.batch import Example, collate
+from mdm_circuits.testing import random_examples, random_model
 
 CONFIG = ModelConfig(vocab_size=40, d_model=24, n_layers=2, n_heads=3, n_kv_heads=1, head_dim=8, d_mlp=32,
                      qkv_bias=True)

@@ -7,14 +7,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import random_examples, random_model
-from mdm_circuits import circuits, metrics
-from mdm_circuits.attribution import attribute
-from mdm_circuits.batch import collate
-from mdm_circuits.config import ModelConfig
-from mdm_circuits.graph import LOGITS, Graph, Port, head, mlp
-from mdm_circuits.layers import rotary_tables
-from mdm_circuits.model import head_outputs
+from mdm_circuits import circuits
+from mdm_circuits.circuits.attribution import attribute
+from mdm_circuits.circuits.graph import LOGITS, Graph, Port, head, mlp
+from mdm_circuits.model.config import ModelConfig
+from mdm_circuits.model.layers import rotary_tables
+from mdm_circuits.model.transformer import head_outputs
+from mdm_circuits.tasks import metrics
+from mdm_circuits.tasks.batch import collate
+from mdm_circuits.testing import random_examples, random_model
 
 CONFIG = ModelConfig(vocab_size=40, d_model=24, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_mlp=32,
                      qkv_bias=True)

@@ -6,12 +6,11 @@ import json
 from pathlib import Path
 
 import numpy as np
-
 import pytest
 
-from conftest import save_hf, tiny_torch_model
-from mdm_circuits import checkpoint
 from mdm_circuits.cli import main
+from mdm_circuits.model import checkpoint
+from mdm_circuits.testing import save_hf, tiny_torch_model
 
 
 @pytest.fixture
@@ -89,9 +88,9 @@ def test_predict_refuses_contradictory_or_empty_input(llama_dir, tmp_path):
 def test_find_circuit_end_to_end(tmp_path, capsys):
     """A tiny random model with a word-level tokenizer covering the IOI templates: the job runs, reports
     progress and writes reference-format JSON."""
-    from conftest import random_model
-    from mdm_circuits.config import ModelConfig
-    from mdm_circuits.graph import Graph
+    from mdm_circuits.circuits.graph import Graph
+    from mdm_circuits.model.config import ModelConfig
+    from mdm_circuits.testing import random_model
     from test_tasks import WORDS, word_tokenizer
 
     tokenizer = word_tokenizer(WORDS)
@@ -124,7 +123,7 @@ def _successor_directory(tmp_path):
 
 
 def test_generate_with_diffusion_and_greedy(tmp_path, capsys):
-    from mdm_circuits.model import with_config
+    from mdm_circuits.model.transformer import with_config
 
     directory = _successor_directory(tmp_path)
     main(["generate", str(directory), "t3", "--new", "4"])
@@ -139,8 +138,8 @@ def test_generate_with_diffusion_and_greedy(tmp_path, capsys):
 
 
 def test_pool_writes_pairs_of_views(tmp_path, capsys):
-    from conftest import random_model
-    from mdm_circuits.config import ModelConfig
+    from mdm_circuits.model.config import ModelConfig
+    from mdm_circuits.testing import random_model
     from test_tasks import WORDS, word_tokenizer
 
     tokenizer = word_tokenizer(WORDS)

@@ -12,10 +12,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import DELETE, run, save_hf, tiny_torch_model, torch_logits
+from conftest import run
 from conversion import ConversionError, config_from_hf, convert
 from conversion.conventions import DIFFULLAMA_MASK_TOKEN_ID
-from mdm_circuits.presets import PRESETS
+from mdm_circuits.model.presets import PRESETS
+from mdm_circuits.testing import DELETE, save_hf, tiny_torch_model, torch_logits
 
 TOKENS = np.array([[5, 17, 33, 2, 90, 41, 8, 64, 12, 3]])
 

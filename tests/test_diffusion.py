@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import random_examples, random_model
-from mdm_circuits import metrics
-from mdm_circuits.attribution import attribute
-from mdm_circuits.batch import BatchError, Example, collate
-from mdm_circuits.config import ModelConfig
-from mdm_circuits.diffusion import View, denoising_steps, multi_step
-from mdm_circuits.generation import diffuse, greedy
+from mdm_circuits.circuits.attribution import attribute
+from mdm_circuits.decoding.denoising import denoising_steps, multi_step
+from mdm_circuits.decoding.generation import diffuse, greedy
+from mdm_circuits.model.config import ModelConfig
+from mdm_circuits.tasks import metrics
+from mdm_circuits.tasks.batch import BatchError, Example, collate
+from mdm_circuits.tasks.views import View
+from mdm_circuits.testing import random_examples, random_model
 
 MASK = 39
 MDM = ModelConfig(vocab_size=40, d_model=24, n_layers=2, n_heads=3, n_kv_heads=1, head_dim=8, d_mlp=32,
@@ -76,7 +77,7 @@ def test_confidence_order_follows_the_model():
     model = random_model(MDM, 0)
     example = _mdm_example(answer=3)
     steps = denoising_steps(example, 3, "confidence", model=model)
-    from mdm_circuits.diffusion import confidence
+    from mdm_circuits.decoding.denoising import confidence
 
     first = int(np.argmax(confidence(model, steps[0])))
     assert example.answer_positions[first] not in steps[1].answer_positions

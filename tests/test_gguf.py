@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run, tiny_torch_model, torch_logits
+from conftest import run
 from conversion import ConversionError, convert
+from mdm_circuits.testing import tiny_torch_model, torch_logits
 
 TOKENS = np.array([[4, 9, 61, 30, 2, 77, 15, 50]])
 # GGUF quantizes rows in blocks of 32 values, so every input width must be a multiple of 32.

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from mdm_circuits.graph import INPUT, LOGITS, Graph, GraphError, Port, head, mlp
+from mdm_circuits.circuits.graph import INPUT, LOGITS, Graph, GraphError, Port, head, mlp
 
 
 @pytest.mark.parametrize("layers, heads, expected", [

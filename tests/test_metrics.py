@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mdm_circuits import metrics
-from mdm_circuits.batch import Example, collate
-from mdm_circuits.config import ModelConfig
+from mdm_circuits.model.config import ModelConfig
+from mdm_circuits.tasks import metrics
+from mdm_circuits.tasks.batch import Example, collate
 
 LOGITS = jnp.log(jnp.array([[0.1, 0.2, 0.3, 0.4], [0.25, 0.25, 0.4, 0.1]]))
 

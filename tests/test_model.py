@@ -9,9 +9,9 @@ import pytest
 from flax import nnx
 
 from conftest import run
-from mdm_circuits.config import ConfigError, ModelConfig
-from mdm_circuits.layers import rotary_tables
-from mdm_circuits.model import (
+from mdm_circuits.model.config import ConfigError, ModelConfig
+from mdm_circuits.model.layers import rotary_tables
+from mdm_circuits.model.transformer import (
     Transformer,
     activations,
     count_parameters,

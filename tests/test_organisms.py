@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mdm_circuits import checkpoint, cli, organisms
-from mdm_circuits.accuracy import common_correct_pool
-from mdm_circuits.diffusion import View
+from mdm_circuits import cli, organisms
+from mdm_circuits.decoding.accuracy import common_correct_pool
+from mdm_circuits.model import checkpoint
 from mdm_circuits.organisms import recipe, vocabulary
 from mdm_circuits.tasks import TASKS, greater_than, infilling
+from mdm_circuits.tasks.views import View
 
 README = Path(__file__).parents[1] / "README.md"
 

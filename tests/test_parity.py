@@ -8,9 +8,10 @@ import pytest
 import torch
 from flax import nnx
 
-from conftest import run, save_hf, tiny_torch_model, torch_logits
+from conftest import run
 from conversion import convert
-from mdm_circuits.model import activations, forward, with_config
+from mdm_circuits.model.transformer import activations, forward, with_config
+from mdm_circuits.testing import save_hf, tiny_torch_model, torch_logits
 
 TOLERANCE = 1e-4
 BATCH, LENGTH, PAD = 3, 12, 4

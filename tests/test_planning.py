@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from mdm_circuits.model import count_parameters
-from mdm_circuits.planning import plan
-from mdm_circuits.presets import PRESETS
+from mdm_circuits.model.planning import plan
+from mdm_circuits.model.presets import PRESETS
+from mdm_circuits.model.transformer import count_parameters
 
 
 @pytest.mark.parametrize("name, expected", [

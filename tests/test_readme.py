@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mdm_circuits import checkpoint
+from mdm_circuits.model import checkpoint
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -61,10 +61,10 @@ def test_ioi_and_greater_than_accuracy(smollm2):
     """SmolLM2 answers IOI and Greater-Than by generation far above chance (measured on 200 prompts: IOI
     0.93, Greater-Than 1.00). Queried as an MDM (bidirectional, masked answer; it was never trained so)
     the pipeline still runs end to end, with lower accuracy."""
-    from mdm_circuits.accuracy import solved
-    from mdm_circuits.diffusion import View
-    from mdm_circuits.model import with_config
+    from mdm_circuits.decoding.accuracy import solved
+    from mdm_circuits.model.transformer import with_config
     from mdm_circuits.tasks import greater_than, ioi
+    from mdm_circuits.tasks.views import View
 
     model, tokenizer = smollm2.model, smollm2.tokenizer
     assert solved(model, ioi.examples(tokenizer, 64, seed=5)).mean() >= 0.8

@@ -8,9 +8,9 @@ import pytest
 import tokenizers
 from tokenizers import models, pre_tokenizers
 
-from mdm_circuits.batch import BatchError, collate
-from mdm_circuits.diffusion import View
 from mdm_circuits.tasks import countdown, greater_than, infilling, ioi, jsonl
+from mdm_circuits.tasks.batch import BatchError, collate
+from mdm_circuits.tasks.views import View
 
 
 def word_tokenizer(words) -> tokenizers.Tokenizer:

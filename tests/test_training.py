@@ -6,10 +6,20 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mdm_circuits.config import ModelConfig
-from mdm_circuits.model import Transformer
-from mdm_circuits.training import (Corpus, TrainConfig, TrainingError, annealed_pattern, causal_lm_loss,
-                                   masked_diffusion_loss, sample_masks, saved_steps, restore_params, train)
+from mdm_circuits.model.config import ModelConfig
+from mdm_circuits.model.transformer import Transformer
+from mdm_circuits.training import (
+    Corpus,
+    TrainConfig,
+    TrainingError,
+    annealed_pattern,
+    causal_lm_loss,
+    masked_diffusion_loss,
+    restore_params,
+    sample_masks,
+    saved_steps,
+    train,
+)
 
 ARM = ModelConfig(vocab_size=23, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=8, d_mlp=32,
                   qkv_bias=True)

@@ -23,8 +23,8 @@ from typing import NamedTuple
 
 import tokenizers
 
-from mdm_circuits import checkpoint
-from mdm_circuits.model import Transformer, with_config
+from mdm_circuits.model import checkpoint
+from mdm_circuits.model.transformer import Transformer, with_config
 
 SHIPPED = Path(__file__).parent / "data"
 ARM, MDM, TRAJECTORY, REPORT = "arm", "mdm", "trajectory", "organisms.json"

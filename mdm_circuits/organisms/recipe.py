@@ -21,16 +21,24 @@ import numpy as np
 import tokenizers
 from flax import nnx
 
-from mdm_circuits import checkpoint
-from mdm_circuits.accuracy import solved
-from mdm_circuits.batch import Example
-from mdm_circuits.config import ModelConfig
-from mdm_circuits.diffusion import View
-from mdm_circuits.model import Transformer, with_config
+from mdm_circuits.decoding.accuracy import solved
+from mdm_circuits.model import checkpoint
+from mdm_circuits.model.config import ModelConfig
+from mdm_circuits.model.transformer import Transformer, with_config
 from mdm_circuits.organisms import ARM, MDM, REPORT, TRAJECTORY, vocabulary
 from mdm_circuits.tasks import TASKS
-from mdm_circuits.training import (Corpus, TrainConfig, TrainingError, masked_diffusion_loss, restore_params,
-                                   sample_masks, saved_steps, train)
+from mdm_circuits.tasks.batch import Example
+from mdm_circuits.tasks.views import View
+from mdm_circuits.training import (
+    Corpus,
+    TrainConfig,
+    TrainingError,
+    masked_diffusion_loss,
+    restore_params,
+    sample_masks,
+    saved_steps,
+    train,
+)
 
 TRAIN_SEED = 10**12
 TRAINING_STATE = "training_state"  # the resumable checkpoints inside a build directory (never shipped)

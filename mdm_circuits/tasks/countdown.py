@@ -14,11 +14,11 @@ import random
 
 import tokenizers
 
-from mdm_circuits.batch import Example
-from mdm_circuits.diffusion import View
-from mdm_circuits.metrics import log_probability_difference
+from mdm_circuits.tasks.batch import Example
 from mdm_circuits.tasks.drawing import draw
+from mdm_circuits.tasks.metrics import log_probability_difference
 from mdm_circuits.tasks.text import continuation, prompt
+from mdm_circuits.tasks.views import View
 
 NAME = "countdown"
 METRIC = log_probability_difference

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from mdm_circuits.batch import BatchError, Example
+from mdm_circuits.tasks.batch import BatchError, Example
 
 
 def draw(n: int, attempt: Callable[[int], Example | None], *, what: str, max_length: int | None,

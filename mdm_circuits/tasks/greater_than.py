@@ -18,11 +18,11 @@ import random
 
 import tokenizers
 
-from mdm_circuits.batch import BatchError, Example
-from mdm_circuits.diffusion import View
-from mdm_circuits.metrics import probability_difference
+from mdm_circuits.tasks.batch import BatchError, Example
 from mdm_circuits.tasks.drawing import draw
+from mdm_circuits.tasks.metrics import probability_difference
 from mdm_circuits.tasks.text import continuation, prompt
+from mdm_circuits.tasks.views import View
 
 NAME = "greater_than"
 METRIC = probability_difference

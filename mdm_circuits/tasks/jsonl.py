@@ -17,10 +17,10 @@ from pathlib import Path
 
 import tokenizers
 
-from mdm_circuits.batch import BatchError, Example
-from mdm_circuits.diffusion import View
-from mdm_circuits.metrics import METRICS
+from mdm_circuits.tasks.batch import BatchError, Example
+from mdm_circuits.tasks.metrics import METRICS
 from mdm_circuits.tasks.text import continuation, prompt
+from mdm_circuits.tasks.views import View
 
 REQUIRED = ("prompt", "corrupted_prompt", "answer", "counterfactual")
 OPTIONAL = ("suffix", "corrupted_suffix", "metric")

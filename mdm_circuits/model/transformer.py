@@ -21,8 +21,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
-from mdm_circuits.config import ConfigError, ModelConfig
-from mdm_circuits.layers import Block, RMSNorm, accumulation_dtype, rotary_tables, weight_init
+from mdm_circuits.model.config import ConfigError, ModelConfig
+from mdm_circuits.model.layers import Block, RMSNorm, accumulation_dtype, rotary_tables, weight_init
 
 
 class Activations(NamedTuple):

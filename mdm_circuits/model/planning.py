@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mdm_circuits.config import ModelConfig
-from mdm_circuits.model import abstract_model, forward, forward_from_embeddings
+from mdm_circuits.model.config import ModelConfig
+from mdm_circuits.model.transformer import abstract_model, forward, forward_from_embeddings
 
 Mode = Literal["forward", "gradient"]
 

@@ -22,9 +22,9 @@ from typing import NamedTuple
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from mdm_circuits.interventions import Probes, Run
-from mdm_circuits.layers import accumulation_dtype
-from mdm_circuits.model import Transformer
+from mdm_circuits.circuits.interventions import Probes, Run
+from mdm_circuits.model.layers import accumulation_dtype
+from mdm_circuits.model.transformer import Transformer
 
 
 class Summed(NamedTuple):

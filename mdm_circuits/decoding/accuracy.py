@@ -16,10 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mdm_circuits.batch import Example
-from mdm_circuits.diffusion import View
-from mdm_circuits.generation import Unmasking, diffuse, greedy
-from mdm_circuits.model import Transformer
+from mdm_circuits.decoding.generation import Unmasking, diffuse, greedy
+from mdm_circuits.model.transformer import Transformer
+from mdm_circuits.tasks.batch import Example
+from mdm_circuits.tasks.views import View
 
 
 def generate_answers(model: Transformer, examples: Sequence[Example], *, batch_size: int = 64,

@@ -10,7 +10,6 @@ import numpy as np
 from flax import struct
 from jaxtyping import Array, Float
 
-
 AblationKind = Literal["corrupted", "zero", "mean", "mean_positional", "resample"]
 
 

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Int
 
-from mdm_circuits.model import Transformer
+from mdm_circuits.model.transformer import Transformer
 
 Unmasking = Literal["confidence", "margin", "entropy", "random"]
 

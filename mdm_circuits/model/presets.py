@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from types import MappingProxyType
 
-from mdm_circuits.config import ModelConfig
+from mdm_circuits.model.config import ModelConfig
 
 _QWEN25_7B = ModelConfig(
     vocab_size=152_064, d_model=3584, n_layers=28, n_heads=28, n_kv_heads=4, head_dim=128, d_mlp=18_944,

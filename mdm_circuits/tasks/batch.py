@@ -20,7 +20,7 @@ import numpy as np
 from flax import struct
 from jaxtyping import Array, Bool, Int
 
-from mdm_circuits.config import ModelConfig
+from mdm_circuits.model.config import ModelConfig
 
 
 class BatchError(ValueError):

@@ -24,17 +24,18 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from mdm_circuits import gradients
-from mdm_circuits.ablations import Ablation
-from mdm_circuits.batch import Batch
-from mdm_circuits.gradients import PerStep, Summed, step_parts
-from mdm_circuits.graph import Graph, NodeKind
-from mdm_circuits.interventions import Interventions, NodePatch, Probes, run
-from mdm_circuits.layers import accumulation_dtype
-from mdm_circuits.metrics import Metric
-from mdm_circuits.model import Transformer
-from mdm_circuits.patching import exact_edges
-from mdm_circuits.scoring import AttributionError, Progress, Scores, fit_ablation, over_batches, plain_runs, read_logits
+from mdm_circuits.circuits import gradients
+from mdm_circuits.circuits.ablations import Ablation
+from mdm_circuits.circuits.gradients import PerStep, Summed, step_parts
+from mdm_circuits.circuits.graph import Graph, NodeKind
+from mdm_circuits.circuits.interventions import Interventions, NodePatch, Probes, run
+from mdm_circuits.circuits.patching import exact_edges
+from mdm_circuits.circuits.runs import Progress, fit_ablation, over_batches, plain_runs, read_logits
+from mdm_circuits.circuits.scores import AttributionError, Scores
+from mdm_circuits.model.layers import accumulation_dtype
+from mdm_circuits.model.transformer import Transformer
+from mdm_circuits.tasks.batch import Batch
+from mdm_circuits.tasks.metrics import Metric
 
 Method = Literal["eap", "eap_ig_inputs", "eap_ig_activations", "exact"]
 Aggregation = Literal["sum", "mean"]

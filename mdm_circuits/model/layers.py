@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
-from mdm_circuits.config import ModelConfig
+from mdm_circuits.model.config import ModelConfig
 
 weight_init = nnx.initializers.normal(stddev=0.02)
 

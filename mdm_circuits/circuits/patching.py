@@ -16,13 +16,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mdm_circuits.ablations import Ablation
-from mdm_circuits.batch import Batch
-from mdm_circuits.graph import Graph, Node
-from mdm_circuits.interventions import EdgeWeights, Interventions, NodePatch, run
-from mdm_circuits.metrics import Metric
-from mdm_circuits.model import Transformer
-from mdm_circuits.scoring import Progress, Scores, chunked, fit_ablation, over_batches, plain_runs, read_logits
+from mdm_circuits.circuits.ablations import Ablation
+from mdm_circuits.circuits.graph import Graph, Node
+from mdm_circuits.circuits.interventions import EdgeWeights, Interventions, NodePatch, run
+from mdm_circuits.circuits.runs import Progress, chunked, fit_ablation, over_batches, plain_runs, read_logits
+from mdm_circuits.circuits.scores import Scores
+from mdm_circuits.model.transformer import Transformer
+from mdm_circuits.tasks.batch import Batch
+from mdm_circuits.tasks.metrics import Metric
 
 
 def _loss(model, metric, result, example, clean_logits):

@@ -15,22 +15,24 @@ import jax.numpy as jnp
 import numpy as np
 
 from conversion import ConversionError, config_from_hf, convert
-from mdm_circuits import checkpoint, organisms
-from mdm_circuits.accuracy import common_correct_pool
-from mdm_circuits.attribution import attribute
-from mdm_circuits.batch import BatchError, collate
-from mdm_circuits.checkpoint import CheckpointError
-from mdm_circuits.circuits import CircuitError, faithfulness_curve, smallest_faithful
-from mdm_circuits.config import ConfigError, ModelConfig
-from mdm_circuits.diffusion import View
-from mdm_circuits.generation import diffuse, greedy
-from mdm_circuits.graph import Graph, GraphError, NodeKind
-from mdm_circuits.model import with_config
+from mdm_circuits import organisms
+from mdm_circuits.circuits.attribution import attribute
+from mdm_circuits.circuits.evaluation import faithfulness_curve, smallest_faithful
+from mdm_circuits.circuits.graph import Graph, GraphError, NodeKind
+from mdm_circuits.circuits.scores import AttributionError
+from mdm_circuits.circuits.selection import CircuitError
+from mdm_circuits.decoding.accuracy import common_correct_pool
+from mdm_circuits.decoding.generation import diffuse, greedy
+from mdm_circuits.model import checkpoint
+from mdm_circuits.model.checkpoint import CheckpointError
+from mdm_circuits.model.config import ConfigError, ModelConfig
+from mdm_circuits.model.planning import plan
+from mdm_circuits.model.presets import PRESETS
+from mdm_circuits.model.transformer import with_config
 from mdm_circuits.organisms import recipe
-from mdm_circuits.planning import plan
-from mdm_circuits.presets import PRESETS
-from mdm_circuits.scoring import AttributionError
 from mdm_circuits.tasks import TASKS
+from mdm_circuits.tasks.batch import BatchError, collate
+from mdm_circuits.tasks.views import View
 from mdm_circuits.training import TrainingError
 
 

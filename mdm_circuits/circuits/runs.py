@@ -1,5 +1,5 @@
 """Running examples for scoring: reading the answer logits, clean and corrupted runs, batching with
-running sums, metric checks, and the `Scores` every attribution method returns."""
+running sums, and metric checks."""
 
 from __future__ import annotations
 
@@ -11,52 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from mdm_circuits.ablations import Ablation
-from mdm_circuits.batch import Batch
-from mdm_circuits.graph import Graph
-from mdm_circuits.interventions import run
-from mdm_circuits.model import Transformer
+from mdm_circuits.circuits.ablations import Ablation
+from mdm_circuits.circuits.interventions import run
+from mdm_circuits.circuits.scores import AttributionError
+from mdm_circuits.model.transformer import Transformer
+from mdm_circuits.tasks.batch import Batch
 
 Progress = Callable[[int, int], None]
-
-
-class AttributionError(ValueError):
-    """Attribution that cannot give meaningful scores for the inputs given."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Scores:
-    """Edge scores `[n_sources, n_destinations]` (zero off the edges) and how they were obtained."""
-
-    graph: Graph
-    matrix: np.ndarray
-    method: str
-    steps: int | None
-    n_examples: int
-    clean_metric: float
-    corrupted_metric: float
-
-    @property
-    def edges(self) -> np.ndarray:
-        """One score per edge, in the graph's edge order."""
-        return self.graph.edge_vector(self.matrix)
-
-    def to_json(self, path) -> None:
-        """The scores in the reference's JSON format (edge names, `cfg` with d_model)."""
-        self.graph.to_json(path, self.matrix)
-
-    def node_importance(self, k: int | None = None, absolute: bool = True) -> np.ndarray:
-        """s(v) for every source node: the sum of the scores (absolute by default) of the edges entering or
-        leaving v, over the top-k edges if `k` is given (DESIGN's component importance), else all edges."""
-        values = np.abs(self.edges) if absolute else self.edges
-        if k is not None:
-            keep = np.zeros_like(values, dtype=bool)
-            keep[np.argsort(-values, kind="stable")[:k]] = True
-            values = np.where(keep, values, 0)
-        matrix = self.graph.edge_matrix(values.astype(np.float64))
-        leaving = matrix.sum(axis=1)
-        entering = (self.graph.own_destinations * matrix.sum(axis=0)[None, :]).sum(axis=1)
-        return leaving + entering
 
 
 def read_logits(model: Transformer, final: Float[Array, "T D"], example: Batch) -> Float[Array, "A V"]:

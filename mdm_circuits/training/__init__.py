@@ -31,7 +31,7 @@ import orbax.checkpoint as ocp
 from flax import nnx, struct
 from jaxtyping import Array, Bool, Float, Int
 
-from mdm_circuits.model import Transformer
+from mdm_circuits.model.transformer import Transformer
 
 Objective = Literal["causal", "masked_diffusion"]
 

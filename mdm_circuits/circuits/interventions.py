@@ -30,9 +30,9 @@ import numpy as np
 from flax import nnx, struct
 from jaxtyping import Array, Bool, Float, Int
 
-from mdm_circuits.graph import Graph, Port, head, mlp
-from mdm_circuits.layers import rotary_tables
-from mdm_circuits.model import Transformer
+from mdm_circuits.circuits.graph import Graph, Port, head, mlp
+from mdm_circuits.model.layers import rotary_tables
+from mdm_circuits.model.transformer import Transformer
 
 
 @struct.dataclass

@@ -17,8 +17,8 @@ import orbax.checkpoint as ocp
 import tokenizers
 from flax import nnx
 
-from mdm_circuits.config import ModelConfig
-from mdm_circuits.model import Transformer, abstract_model
+from mdm_circuits.model.config import ModelConfig
+from mdm_circuits.model.transformer import Transformer, abstract_model
 
 MANIFEST = "mdm_circuits.json"
 PARAMS = "params"

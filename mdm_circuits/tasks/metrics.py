@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from mdm_circuits.batch import Batch
+from mdm_circuits.tasks.batch import Batch
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,3 @@
+from mdm_circuits.cli.main import main
+
+main()

@@ -1,0 +1,1 @@
+"""Decoding: greedy and diffusion generation, the MDM's denoising steps, accuracy and common-correct pools."""
