@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from mdm_circuits.circuits.graph import INPUT, LOGITS, Graph, GraphError, Port, head, mlp
+from mdm_circuits.circuits.graph import INPUT, LOGITS, Graph, Port, head, mlp
+from mdm_circuits.errors import GraphError
 
 
 @pytest.mark.parametrize("layers, heads, expected", [
@@ -82,3 +83,57 @@ def test_file_for_another_graph_is_refused(tmp_path):
         other.from_json(tmp_path / "broken.json")
     with pytest.raises(GraphError, match="records d_model"):
         Graph(2, 3).to_json(tmp_path / "x.json", np.zeros((other.n_sources, other.n_destinations)))
+
+
+def _enumerated(n_layers: int, n_heads: int) -> list[tuple[str, int, int]]:
+    """The graph written out edge by edge from its definition, the way the reference builds it: (name,
+    source index, destination index)."""
+    sources = ["input"] + [name for layer in range(n_layers)
+                           for name in [f"a{layer}.h{h}" for h in range(n_heads)] + [f"m{layer}"]]
+    edges = []
+    for layer in range(n_layers):
+        upstream = 1 + layer * (n_heads + 1)
+        for source in range(upstream):
+            for h in range(n_heads):
+                for port, letter in enumerate("qkv"):
+                    column = layer * (3 * n_heads + 1) + port * n_heads + h
+                    edges.append((f"{sources[source]}->a{layer}.h{h}<{letter}>", source, column))
+        for source in range(upstream + n_heads):
+            edges.append((f"{sources[source]}->m{layer}", source, layer * (3 * n_heads + 1) + 3 * n_heads))
+    edges += [(f"{name}->logits", source, n_layers * (3 * n_heads + 1)) for source, name in enumerate(sources)]
+    return edges
+
+
+@pytest.mark.parametrize("layers, heads", [(1, 1), (2, 3), (3, 2), (5, 4)])
+def test_vectorised_layout_equals_an_edge_by_edge_enumeration(layers, heads):
+    graph = Graph(layers, heads)
+    expected = _enumerated(layers, heads)
+    assert list(graph.edge_names) == [name for name, _, _ in expected]
+    np.testing.assert_array_equal(graph.edge_indices[0], [source for _, source, _ in expected])
+    np.testing.assert_array_equal(graph.edge_indices[1], [column for _, _, column in expected])
+    mask = np.zeros((graph.n_sources, graph.n_destinations), bool)
+    mask[graph.edge_indices] = True
+    np.testing.assert_array_equal(graph.edge_mask, mask)
+    for column, (node, port) in enumerate(graph.destinations[:-1]):
+        assert graph.own_destinations[:, column].nonzero()[0].tolist() == [graph.source_index(node)]
+
+
+def test_layout_helpers_round_trip():
+    graph = Graph(3, 2)
+    rows = np.arange(graph.n_sources * 2).reshape(graph.n_sources, 2)
+    first, per_layer = graph.layer_rows(rows)
+    assert per_layer.shape == (3, 3, 2) and (per_layer[1, 2] == rows[graph.mlp_row(1)]).all()
+    np.testing.assert_array_equal(graph.join_rows(first, per_layer), rows)
+    columns = np.arange(graph.n_destinations)
+    per_layer, logits = graph.layer_columns(columns)
+    assert per_layer[2, 3 * 2] == graph.destination_index(mlp(2)) and logits == graph.destination_index(LOGITS)
+    heads = per_layer[:, :-1].reshape(3, 3, 2)
+    assert heads[1, 2, 0] == graph.destination_index(head(1, 0), Port.V)
+    np.testing.assert_array_equal(graph.join_columns(heads, per_layer[:, -1], logits), columns)
+
+
+def test_graphs_are_built_once_per_shape():
+    from mdm_circuits.model.config import ModelConfig
+
+    config = ModelConfig(vocab_size=8, d_model=8, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=4, d_mlp=8)
+    assert Graph.for_model(config) is Graph.for_model(config.replace(attention="bidirectional"))

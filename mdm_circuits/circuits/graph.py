@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from mdm_circuits.errors import GraphError
+
 
 class NodeKind(enum.Enum):
     INPUT = "input"
@@ -83,14 +85,15 @@ class Edge:
         return f"{self.source.name}->{self.target.name}{port}"
 
 
-class GraphError(ValueError):
-    """A graph, score file or circuit file that does not fit the model at hand."""
-
 
 @dataclasses.dataclass(frozen=True)
 class Graph:
     """The graph of a model with `n_layers` blocks of `n_heads` heads (`d_model` only goes into JSON files,
-    where the reference reads it)."""
+    where the reference reads it).
+
+    The graph is the one owner of the node and column layout: other modules index score matrices and node
+    rows through its indices and layout helpers. Every array property is built with vectorised arithmetic
+    and cached; `Graph.for_model` returns one cached graph per shape."""
 
     n_layers: int
     n_heads: int
@@ -98,7 +101,7 @@ class Graph:
 
     @classmethod
     def for_model(cls, config) -> Graph:
-        return cls(config.n_layers, config.n_heads, config.d_model)
+        return _graph(config.n_layers, config.n_heads, config.d_model)
 
     # ---- sizes and indices ----
 
@@ -113,9 +116,7 @@ class Graph:
     @property
     def n_edges(self) -> int:
         """Σ_l [3H (1 + l(H+1)) + (1 + l(H+1) + H)] + 1 + L(H+1), without enumerating the edges."""
-        h = self.n_heads
-        per_layer = sum(3 * h * (1 + l * (h + 1)) + (1 + l * (h + 1) + h) for l in range(self.n_layers))
-        return per_layer + self.n_sources
+        return int(self.upstream[:-1].sum()) + self.n_sources
 
     def source_index(self, node: Node) -> int:
         stride = self.n_heads + 1
@@ -152,6 +153,47 @@ class Graph:
                 return self.n_sources
         raise GraphError(f"{node.name} reads nothing")
 
+    @functools.cached_property
+    def upstream(self) -> np.ndarray:
+        """int[n_destinations]: how many sources (a prefix of the source order) feed each column."""
+        h = self.n_heads
+        first = 1 + np.arange(self.n_layers) * (h + 1)                       # sources before layer l's heads
+        per_layer = np.concatenate([np.repeat(first[:, None], 3 * h, axis=1), (first + h)[:, None]], axis=1)
+        return _frozen(np.append(per_layer.reshape(-1), self.n_sources))
+
+    # ---- layout helpers: rows are sources, columns destinations ----
+
+    def head_rows(self, layer: int) -> np.ndarray:
+        """The source rows of layer `layer`'s heads, in head order."""
+        first = 1 + layer * (self.n_heads + 1)
+        return np.arange(first, first + self.n_heads)
+
+    def mlp_row(self, layer: int) -> int:
+        return 1 + layer * (self.n_heads + 1) + self.n_heads
+
+    def layer_rows(self, rows):
+        """Rows in source order, split into the input's row and `[L, H + 1, ...]` (each layer's heads, then
+        its MLP). Works on NumPy and JAX arrays alike."""
+        return rows[0], rows[1:].reshape(self.n_layers, self.n_heads + 1, *rows.shape[1:])
+
+    def join_rows(self, first, per_layer):
+        """Inverse of `layer_rows`: the input's row and `[L, H + 1, ...]` as rows in source order."""
+        xp = _namespace(per_layer)
+        return xp.concatenate([first[None], per_layer.reshape(-1, *per_layer.shape[2:])])
+
+    def layer_columns(self, columns):
+        """Columns in destination order (last axis), split into `[..., L, 3H + 1]` (each layer's heads'
+        q inputs, then their k and v inputs, then its MLP's input) and the logits' column `[...]`."""
+        return (columns[..., :-1].reshape(*columns.shape[:-1], self.n_layers, 3 * self.n_heads + 1),
+                columns[..., -1])
+
+    def join_columns(self, heads, mlps, logits):
+        """Destination columns (last axis) from per-layer parts: heads `[..., L, 3, H]` (q, k, v inputs),
+        MLPs `[..., L]`, the logits `[...]`."""
+        xp = _namespace(heads)
+        per_layer = xp.concatenate([heads.reshape(*heads.shape[:-2], -1), mlps[..., None]], axis=-1)
+        return xp.concatenate([per_layer.reshape(*per_layer.shape[:-2], -1), logits[..., None]], axis=-1)
+
     # ---- nodes and edges, in the reference's order ----
 
     @functools.cached_property
@@ -165,32 +207,6 @@ class Graph:
         return self.nodes[:-1]
 
     @functools.cached_property
-    def edges(self) -> tuple[Edge, ...]:
-        edges = []
-        for layer in range(self.n_layers):
-            heads = [head(layer, h) for h in range(self.n_heads)]
-            for source in self.sources[: self.upstream_count(heads[0])]:
-                edges += [Edge(source, target, port) for target in heads for port in Port]
-            edges += [Edge(source, mlp(layer)) for source in self.sources[: self.upstream_count(mlp(layer))]]
-        edges += [Edge(source, LOGITS) for source in self.sources]
-        return tuple(edges)
-
-    @functools.cached_property
-    def edge_indices(self) -> tuple[np.ndarray, np.ndarray]:
-        """(source index, destination index) of every edge, in edge order."""
-        pairs = np.array([(self.source_index(e.source), self.destination_index(e.target, e.port))
-                          for e in self.edges], dtype=np.int32)
-        return pairs[:, 0], pairs[:, 1]
-
-    @functools.cached_property
-    def edge_mask(self) -> np.ndarray:
-        """bool[n_sources, n_destinations]: which entries of a score matrix are real edges."""
-        mask = np.zeros((self.n_sources, self.n_destinations), dtype=bool)
-        mask[self.edge_indices] = True
-        mask.flags.writeable = False
-        return mask
-
-    @functools.cached_property
     def destinations(self) -> tuple[tuple[Node, Port | None], ...]:
         """(node, port) of every destination column, in column order."""
         columns = []
@@ -200,18 +216,56 @@ class Graph:
         return (*columns, (LOGITS, None))
 
     @functools.cached_property
+    def edge_indices(self) -> tuple[np.ndarray, np.ndarray]:
+        """(source index, destination index) of every edge, in the reference's edge order: layer by layer,
+        the heads' inputs (by source, then head, then q/k/v), the MLP's input (by source); the logits last."""
+        h = self.n_heads
+        stride = 3 * h + 1
+        ports = (np.arange(3)[None, :] * h + np.arange(h)[:, None]).reshape(-1)      # head-major, then q/k/v
+        sources, destinations = [], []
+        for layer in range(self.n_layers):
+            upstream = 1 + layer * (h + 1)
+            sources += [np.repeat(np.arange(upstream), 3 * h), np.arange(upstream + h)]
+            destinations += [np.tile(layer * stride + ports, upstream), np.full(upstream + h, layer * stride + 3 * h)]
+        sources.append(np.arange(self.n_sources))
+        destinations.append(np.full(self.n_sources, self.n_destinations - 1))
+        return (_frozen(np.concatenate(sources).astype(np.int32)),
+                _frozen(np.concatenate(destinations).astype(np.int32)))
+
+    @functools.cached_property
+    def edge_mask(self) -> np.ndarray:
+        """bool[n_sources, n_destinations]: which entries of a score matrix are real edges."""
+        return _frozen(np.arange(self.n_sources)[:, None] < self.upstream[None, :])
+
+    @functools.cached_property
     def own_destinations(self) -> np.ndarray:
         """bool[n_sources, n_destinations]: the destination columns that belong to each source node (a head's
         q, k and v inputs, an MLP's input); the input node has none."""
-        owned = np.zeros((self.n_sources, self.n_destinations), dtype=bool)
-        for column, (node, _) in enumerate(self.destinations[:-1]):
-            owned[self.source_index(node), column] = True
-        owned.flags.writeable = False
-        return owned
+        owner = np.empty(self.n_destinations, dtype=np.int64)
+        heads, mlps = self.layer_columns(owner)[0][:, :-1], self.layer_columns(owner)[0][:, -1]
+        rows = 1 + np.arange(self.n_layers)[:, None] * (self.n_heads + 1)
+        heads[...] = np.tile(rows + np.arange(self.n_heads)[None, :], 3)
+        mlps[...] = rows[:, 0] + self.n_heads
+        owner[-1] = -1  # the logits own no source
+        return _frozen(np.arange(self.n_sources)[:, None] == owner[None, :])
 
-    def edge_vector(self, matrix: np.ndarray) -> np.ndarray:
-        """The entries of a `[n_sources, n_destinations]` matrix, one per edge in edge order."""
-        return np.asarray(matrix)[self.edge_indices]
+    @functools.cached_property
+    def edges(self) -> tuple[Edge, ...]:
+        """Every edge as typed nodes, in edge order (for small graphs: at 7B shapes this is ~10^6 objects)."""
+        columns = self.destinations
+        return tuple(Edge(self.sources[s], columns[d][0], columns[d][1]) for s, d in zip(*self.edge_indices))
+
+    @functools.cached_property
+    def edge_names(self) -> tuple[str, ...]:
+        """Every edge's name in the reference's naming (`a0.h1->m1`, `input->a2.h0<q>`), in edge order."""
+        sources = [node.name + "->" for node in self.sources]
+        columns = [node.name + ("" if port is None else f"<{port.value}>") for node, port in self.destinations]
+        return tuple(sources[s] + columns[d] for s, d in zip(self.edge_indices[0].tolist(),
+                                                             self.edge_indices[1].tolist()))
+
+    def edge_vector(self, matrix) -> np.ndarray:
+        """The entries of `[..., n_sources, n_destinations]` matrices, one per edge in edge order."""
+        return np.asarray(matrix)[..., self.edge_indices[0], self.edge_indices[1]]
 
     def edge_matrix(self, vector: np.ndarray, fill: Any = 0) -> np.ndarray:
         """Inverse of `edge_vector`: a matrix with `vector` at the edges and `fill` elsewhere."""
@@ -235,8 +289,8 @@ class Graph:
             "cfg": {"n_layers": self.n_layers, "n_heads": self.n_heads, "parallel_attn_mlp": False,
                     "d_model": self.d_model},
             "nodes": {node.name: {"in_graph": node in nodes_in or node == LOGITS} for node in self.nodes},
-            "edges": {edge.name: {"score": float(scores[i]), "in_graph": bool(in_graph[i])}
-                      for i, edge in enumerate(self.edges)},
+            "edges": {name: {"score": float(score), "in_graph": bool(kept)}
+                      for name, score, kept in zip(self.edge_names, scores.tolist(), in_graph.tolist())},
         }
         Path(path).write_text(json.dumps(document))
 
@@ -255,7 +309,7 @@ class Graph:
             raise GraphError(f"{path}: written for a graph of {shape[0]} layers x {shape[1]} heads"
                              f"{' with parallel attention/MLP' if cfg.get('parallel_attn_mlp') else ''}; "
                              f"this model's graph has {self.n_layers} x {self.n_heads}")
-        names = [edge.name for edge in self.edges]
+        names = self.edge_names
         edges = document["edges"]
         missing, unknown = set(names) - set(edges), set(edges) - set(names)
         if missing or unknown:
@@ -274,3 +328,22 @@ def nodes_in_circuit(graph: Graph, circuit: np.ndarray) -> set[Node]:
     """Nodes touched by at least one edge of the circuit."""
     sources, destinations = np.nonzero(np.asarray(circuit) & graph.edge_mask)
     return ({graph.sources[i] for i in sources} | {graph.destinations[j][0] for j in destinations})
+
+
+@functools.cache
+def _graph(n_layers: int, n_heads: int, d_model: int | None) -> Graph:
+    return Graph(n_layers, n_heads, d_model)
+
+
+def _frozen(array: np.ndarray) -> np.ndarray:
+    array.flags.writeable = False
+    return array
+
+
+def _namespace(array):
+    """NumPy for NumPy arrays, jax.numpy otherwise (the layout helpers serve host and traced arrays)."""
+    if isinstance(array, np.ndarray):
+        return np
+    import jax.numpy as jnp
+
+    return jnp
