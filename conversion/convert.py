@@ -20,7 +20,7 @@ from conversion.hf_configs import config_from_hf
 from conversion.safetensors_files import SafetensorsCheckpoint
 from conversion.tables import GGUF_LLAMA, GGUF_QWEN2, FamilyNames
 from mdm_circuits.model.config import ModelConfig
-from mdm_circuits.model.transformer import Transformer, abstract_model
+from mdm_circuits.model.transformer import Transformer, abstract_model, assemble, parameters
 
 DType = Literal["auto", "float32", "bfloat16"]
 Progress = Callable[[int, int], None]
@@ -66,8 +66,15 @@ def fill_parameters(
 
     target_dtype = _target_dtype(dtype, [checkpoint.dtype(entry.source)
                                          for entry in entries if entry.source in available])
-    graphdef, abstract_state = nnx.split(abstract_model(config, target_dtype))
-    expected = traverse_util.flatten_dict(nnx.to_pure_dict(abstract_state))
+    # The table addresses one layer's parameter as ("blocks", layer, ...); the model stacks the layers.
+    stacked_shapes = {path: leaf.shape for path, leaf in traverse_util.flatten_dict(
+        nnx.to_pure_dict(parameters(abstract_model(config, target_dtype)))).items()}
+    expected = {}
+    for path, shape in stacked_shapes.items():
+        if path[0] == "blocks":
+            expected |= {("blocks", layer, *path[1:]): shape[1:] for layer in range(config.n_layers)}
+        else:
+            expected[path] = shape
     targets = [entry.target for entry in entries]
     # The table must cover the model exactly; these fire only on a mistake in a name table.
     problems += [f"parameter {_dotted(path)} is not filled by any checkpoint key"
@@ -76,32 +83,50 @@ def fill_parameters(
                  for path in sorted(set(targets), key=str) if targets.count(path) > 1]
     problems += [f"the table names {_dotted(path)}, which the model does not have"
                  for path in set(targets) - set(expected)]
-    filled: dict[tuple, jnp.ndarray] = {}
-    for done, entry in enumerate(entries, start=1):
-        if entry.source not in available or entry.target not in expected:
-            continue
-        array = checkpoint[entry.source]
-        if not np.issubdtype(array.dtype, np.floating) and array.dtype != ml_dtypes.bfloat16:
-            problems.append(f"{entry.source}: dtype {array.dtype} is not a floating-point weight "
-                            f"(quantized checkpoints must be dequantized first)")
-            continue
-        want = expected[entry.target].shape
-        try:
-            value = entry.transform(array)
-        except ValueError:
-            value = None
-        if value is None or value.shape != want:
-            problems.append(f"{entry.source}: shape {tuple(array.shape)} does not fit parameter "
-                            f"{_dotted(entry.target)} of shape {want} (via {entry.transform.name})")
-            continue
-        filled[entry.target] = jnp.asarray(np.asarray(value, dtype=target_dtype))
-        if progress is not None:
-            progress(done, len(entries))
+    by_parameter: dict[tuple, list] = {path: [] for path in stacked_shapes}
+    for entry in entries:  # grouped by the stacked parameter they fill
+        if entry.source in available and entry.target in expected:
+            by_parameter[_stacked(entry.target)].append(entry)
+    filled, done = {}, 0
+    for path, parameter_entries in by_parameter.items():
+        # One stacked parameter at a time in host memory, moved to the device as soon as it is complete.
+        array = np.empty(stacked_shapes[path], target_dtype)
+        for entry in parameter_entries:
+            problem = _fill(array, entry, checkpoint[entry.source], expected[entry.target])
+            if problem:
+                problems.append(problem)
+            done += 1
+            if progress is not None:
+                progress(done, len(entries))
+        filled[path] = jnp.asarray(array) if not problems else None
     if problems:
         raise ConversionError(f"cannot convert {source}", problems)
-    nnx.replace_by_pure_dict(abstract_state, traverse_util.unflatten_dict(filled))
-    return nnx.merge(graphdef, abstract_state)
+    return assemble(config, traverse_util.unflatten_dict(filled))
 
+
+def _stacked(target: tuple) -> tuple:
+    """The model's parameter path of a table target: ("blocks", layer, ...) names a slice of ("blocks", ...)."""
+    return ("blocks", *target[2:]) if target[0] == "blocks" else target
+
+
+def _fill(array: np.ndarray, entry, tensor: np.ndarray, want: tuple[int, ...]) -> str | None:
+    """Write one checkpoint tensor, relayed out, into its parameter (or its layer's slice); a problem if it
+    does not fit."""
+    if not np.issubdtype(tensor.dtype, np.floating) and tensor.dtype != ml_dtypes.bfloat16:
+        return (f"{entry.source}: dtype {tensor.dtype} is not a floating-point weight "
+                f"(quantized checkpoints must be dequantized first)")
+    try:
+        value = entry.transform(tensor)
+    except ValueError:
+        value = None
+    if value is None or value.shape != want:
+        return (f"{entry.source}: shape {tuple(tensor.shape)} does not fit parameter "
+                f"{_dotted(entry.target)} of shape {want} (via {entry.transform.name})")
+    if entry.target[0] == "blocks":
+        array[entry.target[1]] = value
+    else:
+        array[...] = value
+    return None
 
 def _target_dtype(requested: DType, source_dtypes: list[np.dtype]) -> np.dtype:
     """'auto' keeps a checkpoint stored entirely in bfloat16 as bfloat16, and uses float32 otherwise."""

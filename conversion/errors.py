@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Iterable
 
+from mdm_circuits.errors import Error
 
-class ConversionError(ValueError):
+
+class ConversionError(Error, ValueError):
     """A checkpoint that cannot be converted faithfully. `problems` lists each issue on its own."""
 
     def __init__(self, summary: str, problems: Iterable[str] = ()):

@@ -14,7 +14,8 @@ from tokenizers import decoders, models, pre_tokenizers
 
 from conversion.conventions import resolve_conventions
 from conversion.errors import ConversionError
-from mdm_circuits.model.config import ConfigError, ModelConfig
+from mdm_circuits.errors import ConfigError
+from mdm_circuits.model.config import ModelConfig
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 

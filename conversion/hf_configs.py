@@ -14,7 +14,8 @@ from conversion import tables
 from conversion.conventions import resolve_conventions
 from conversion.errors import ConversionError
 from conversion.tables import FamilyNames
-from mdm_circuits.model.config import ConfigError, ModelConfig
+from mdm_circuits.errors import ConfigError
+from mdm_circuits.model.config import ModelConfig
 
 _METADATA = frozenset({
     "_name_or_path", "name_or_path", "architectures", "auto_map", "model_type", "transformers_version",

@@ -44,7 +44,7 @@ def floor_seconds(model, batch, metric, steps):
 
     def loss(m, embeddings, example):
         logits = m.from_embeddings(embeddings, valid=example.valid)
-        read = logits[example.read_positions(m.config)]
+        read = logits[example.read_positions(m)]
         return metric.loss(read, example, read)
 
     gradient = jax.jit(lambda m, b: jax.vmap(jax.grad(loss, argnums=1), in_axes=(None, 0, 0))(

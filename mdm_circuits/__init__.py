@@ -7,10 +7,11 @@ interventions, attribution, patching, circuit selection and evaluation), `decodi
 steps, accuracy), `training`, `organisms` (the shipped ARM/MDM pair) and `cli`.
 """
 
+from mdm_circuits.errors import ConfigError, Error
 from mdm_circuits.model import (
     Activations,
-    ConfigError,
     ModelConfig,
+    ModelStack,
     Transformer,
     abstract_model,
     activations,
@@ -19,13 +20,16 @@ from mdm_circuits.model import (
     forward,
     forward_from_embeddings,
     head_outputs,
+    stack,
     with_config,
 )
 
 __all__ = [
     "Activations",
     "ConfigError",
+    "Error",
     "ModelConfig",
+    "ModelStack",
     "Transformer",
     "abstract_model",
     "activations",
@@ -34,5 +38,6 @@ __all__ = [
     "forward",
     "forward_from_embeddings",
     "head_outputs",
+    "stack",
     "with_config",
 ]

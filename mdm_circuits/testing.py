@@ -13,10 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-from flax import nnx
+from flax import nnx, traverse_util
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from mdm_circuits.model.transformer import Transformer
+from mdm_circuits.model.transformer import Transformer, assemble
 from mdm_circuits.tasks.batch import Example
 
 TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=3,
@@ -74,18 +74,26 @@ def torch_logits(model: torch.nn.Module, tokens: np.ndarray, valid: np.ndarray |
 
 def random_model(config, seed: int = 0, scale: float = 0.35, dtype=jnp.float32):
     """A `Transformer` whose weights are large enough for the model to be far from linear (the default
-    initialisation, std 0.02, makes every attribution method look exact)."""
+    initialisation, std 0.02, makes every attribution method look exact). Norm weights are drawn around 1.
+
+    Keys are drawn layer by layer, then for the other parameters, so a seed gives the same weights as it did
+    when the layers were stored one by one."""
     model = Transformer(config, rngs=nnx.Rngs(seed), dtype=dtype)
-    graphdef, state = nnx.split(model)
-    keys = iter(jax.random.split(jax.random.key(seed + 1), len(jax.tree.leaves(state))))
+    flat = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    block_paths = sorted(path for path in flat if path[0] == "blocks")
+    other_paths = sorted(path for path in flat if path[0] != "blocks")
+    keys = iter(jax.random.split(jax.random.key(seed + 1), config.n_layers * len(block_paths) + len(other_paths)))
 
-    def redraw(path, leaf):
+    def draw(path, shape):
         key = next(keys)
-        if path[-2].key == "scale":  # norm weights
-            return (1 + 0.2 * jax.random.normal(key, leaf.shape)).astype(dtype)
-        return (scale * jax.random.normal(key, leaf.shape)).astype(dtype)
+        if path[-1] == "scale":  # norm weights
+            return (1 + 0.2 * jax.random.normal(key, shape)).astype(dtype)
+        return (scale * jax.random.normal(key, shape)).astype(dtype)
 
-    return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(redraw, state))
+    layers = [{path: draw(path, flat[path].shape[1:]) for path in block_paths} for _ in range(config.n_layers)]
+    drawn = {path: jnp.stack([layer[path] for layer in layers]) for path in block_paths}
+    drawn |= {path: draw(path, flat[path].shape) for path in other_paths}
+    return assemble(config, traverse_util.unflatten_dict(drawn))
 
 
 def random_examples(config, n: int, seed: int = 0, min_length: int = 5, max_length: int = 9,

@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+import gc
+import os
+
 import jax
 import jax.numpy as jnp
 import pytest
 
+# Command-line runs inside the test process keep no compiled programs on disk (one test checks the cache
+# in processes of its own).
+os.environ["MDM_CIRCUITS_COMPILATION_CACHE"] = "off"
 # Strict promotion, as equinox tests run: an accidental broadcast or dtype upcast is an error.
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def release_compiled_programs():
+    """Each test module compiles programs of its own; dropping them after the module keeps the suite's
+    memory near what one module needs (CI runs it in a few GB)."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 @jax.jit

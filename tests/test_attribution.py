@@ -15,7 +15,7 @@ from mdm_circuits.circuits.attribution import attribute
 from mdm_circuits.circuits.graph import Graph, Port
 from mdm_circuits.circuits.interventions import EdgeWeights, Interventions, run
 from mdm_circuits.circuits.runs import read_logits
-from mdm_circuits.circuits.scores import AttributionError
+from mdm_circuits.errors import AttributionError
 from mdm_circuits.model.config import ModelConfig
 from mdm_circuits.tasks import metrics
 from mdm_circuits.tasks.batch import Example, collate
@@ -231,3 +231,5 @@ def test_unknown_method_and_bad_steps():
         attribute(model, batch, metrics.logit_difference, steps=5, step_chunk=2)
     with pytest.raises(AttributionError, match="use method='eap' for zero ablation"):
         attribute(model, batch, metrics.logit_difference, ablation=Ablation("zero"))
+    with pytest.raises(AttributionError, match="per-example scores come from the gradient methods"):
+        attribute(model, batch, metrics.logit_difference, method="exact", per_example=True)

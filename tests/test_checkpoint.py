@@ -9,9 +9,9 @@ import pytest
 from flax import nnx
 
 from conftest import run
+from mdm_circuits.errors import CheckpointError, ConfigError
 from mdm_circuits.model import checkpoint
-from mdm_circuits.model.checkpoint import CheckpointError
-from mdm_circuits.model.config import ConfigError, ModelConfig
+from mdm_circuits.model.config import ModelConfig
 from mdm_circuits.model.transformer import Transformer
 
 CONFIG = ModelConfig(vocab_size=40, d_model=16, n_layers=2, n_heads=4, n_kv_heads=1, head_dim=4, d_mlp=24,

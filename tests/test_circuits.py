@@ -49,7 +49,7 @@ def forward_with_one_edge_corrupted(model, clean_tokens, corrupted_tokens, sourc
             - head_outputs(graphdef, state, clean_tokens)[0, :, source_head])
     node, port = target
     x = model.embed(clean_tokens)
-    for layer, block in enumerate(model.blocks):
+    for layer, block in enumerate(map(model.layer, range(model.config.n_layers))):
         attn = block.attn
         q, k, v = attn.project(block.attn_norm(x))
         k, v = attn.expand_kv(k), attn.expand_kv(v)

@@ -3,14 +3,28 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from mdm_circuits.cli import main
+from mdm_circuits.errors import CheckpointError
 from mdm_circuits.model import checkpoint
 from mdm_circuits.testing import save_hf, tiny_torch_model
+
+
+def refused(capsys, argv: list[str]) -> str:
+    """Run the command expecting a refusal: exit code 2 and one line on stderr, which is returned."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    printed = capsys.readouterr().err
+    assert printed.startswith("error: ") and "Traceback" not in printed
+    return printed
 
 
 @pytest.fixture
@@ -38,10 +52,9 @@ def test_convert_then_predict(llama_dir, tmp_path, capsys):
     assert output.count(" p=") == 3
 
 
-def test_predict_refuses_masking_without_a_mask_token(llama_dir, tmp_path):
+def test_predict_refuses_masking_without_a_mask_token(llama_dir, tmp_path, capsys):
     main(["convert", str(llama_dir), str(tmp_path / "arm")])
-    with pytest.raises(SystemExit, match="no mask token"):
-        main(["predict", str(tmp_path / "arm"), "w1 w2", "--mask-answer"])
+    assert "no mask token" in refused(capsys, ["predict", str(tmp_path / "arm"), "w1 w2", "--mask-answer"])
 
 
 def test_plan_from_config_json(llama_dir, capsys):
@@ -77,12 +90,11 @@ def test_an_mdm_is_queried_with_a_masked_answer_by_default(llama_dir, tmp_path, 
     assert "(masked)" not in capsys.readouterr().out
 
 
-def test_predict_refuses_contradictory_or_empty_input(llama_dir, tmp_path):
+def test_predict_refuses_contradictory_or_empty_input(llama_dir, tmp_path, capsys):
     main(["convert", str(llama_dir), str(tmp_path / "arm")])
-    with pytest.raises(SystemExit, match="answer is not masked"):
-        main(["predict", str(tmp_path / "arm"), "w1 w2", "--mask-token-id", "3"])
-    with pytest.raises(SystemExit, match="prompt is empty"):
-        main(["predict", str(tmp_path / "arm"), ""])
+    contradictory = ["predict", str(tmp_path / "arm"), "w1 w2", "--mask-token-id", "3"]
+    assert "answer is not masked" in refused(capsys, contradictory)
+    assert "prompt is empty" in refused(capsys, ["predict", str(tmp_path / "arm"), ""])
 
 
 def test_find_circuit_end_to_end(tmp_path, capsys):
@@ -156,5 +168,33 @@ def test_pool_writes_pairs_of_views(tmp_path, capsys):
     for line in lines:
         record = json.loads(line)
         assert record["arm"]["correct"] == record["mdm"]["correct"]
-    with pytest.raises(SystemExit, match="first model must be an ARM"):
-        main(["pool", str(tmp_path / "mdm"), str(tmp_path / "arm")])
+    assert "first model must be an ARM" in refused(capsys, ["pool", str(tmp_path / "mdm"), str(tmp_path / "arm")])
+
+
+def test_a_user_error_is_one_line_without_a_traceback_unless_debugging(tmp_path, capsys):
+    printed = refused(capsys, ["find-circuit", str(tmp_path / "nothing")])
+    assert printed.count("\n") == 1 and "does not hold a saved mdm_circuits model" in printed
+    with pytest.raises(CheckpointError, match="does not hold a saved mdm_circuits model"):
+        main(["find-circuit", str(tmp_path / "nothing"), "--debug"])
+
+
+def test_a_second_run_compiles_nothing_new(tmp_path):
+    """Two processes running the same job share the persistent compilation cache: the first writes the
+    compiled programs, the second finds every one of them (and writes nothing)."""
+    from mdm_circuits.model.config import ModelConfig
+    from mdm_circuits.testing import random_model
+    from test_tasks import WORDS, word_tokenizer
+
+    tokenizer = word_tokenizer(WORDS)
+    config = ModelConfig(vocab_size=tokenizer.get_vocab_size(), d_model=16, n_layers=2, n_heads=2, n_kv_heads=1,
+                         head_dim=8, d_mlp=24)
+    checkpoint.save(tmp_path / "model", random_model(config, 0, scale=0.2), tokenizer)
+    cache = tmp_path / "cache"
+    command = [sys.executable, "-m", "mdm_circuits.cli", "find-circuit", str(tmp_path / "model"), "--n", "4",
+               "--steps", "2", "--ks", "5", "--out", str(tmp_path / "out"), "--compilation-cache", str(cache)]
+    environment = os.environ | {"JAX_PLATFORMS": "cpu"}
+    subprocess.run(command, check=True, capture_output=True, env=environment)
+    written = sorted(path.name for path in cache.iterdir())
+    assert any("attribute_batch" in name for name in written), written
+    subprocess.run(command, check=True, capture_output=True, env=environment)
+    assert sorted(path.name for path in cache.iterdir()) == written

@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from mdm_circuits.model.config import ConfigError, ModelConfig
+from mdm_circuits.errors import ConfigError
+from mdm_circuits.model.config import ModelConfig
 
 BASE = dict(vocab_size=10, d_model=8, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=4, d_mlp=16)
 

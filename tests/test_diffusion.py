@@ -11,9 +11,10 @@ from flax import nnx
 from mdm_circuits.circuits.attribution import attribute
 from mdm_circuits.decoding.denoising import denoising_steps, multi_step
 from mdm_circuits.decoding.generation import diffuse, greedy
+from mdm_circuits.errors import BatchError
 from mdm_circuits.model.config import ModelConfig
 from mdm_circuits.tasks import metrics
-from mdm_circuits.tasks.batch import BatchError, Example, collate
+from mdm_circuits.tasks.batch import Example, collate
 from mdm_circuits.tasks.views import View
 from mdm_circuits.testing import random_examples, random_model
 

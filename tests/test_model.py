@@ -9,8 +9,10 @@ import pytest
 from flax import nnx
 
 from conftest import run
-from mdm_circuits.model.config import ConfigError, ModelConfig
+from mdm_circuits.errors import ConfigError
+from mdm_circuits.model.config import ModelConfig
 from mdm_circuits.model.layers import rotary_tables
+from mdm_circuits.model.sites import Capture
 from mdm_circuits.model.transformer import (
     Transformer,
     activations,
@@ -71,7 +73,7 @@ def test_bidirectional_model_reads_future_tokens(model):
 
 
 def test_head_outputs_sum_to_attention_output(model):
-    attention = model.blocks[1].attn
+    attention = model.layer(1).attn
     x = jax.random.normal(jax.random.key(3), (7, CONFIG.d_model))
     mask = model.attention_mask(jnp.ones(7, dtype=bool))
     rope = rotary_tables(jnp.arange(7), CONFIG.head_dim, CONFIG.rope_theta)
@@ -120,4 +122,29 @@ def test_with_config_refuses_a_different_shape(model):
 
 
 def test_parameter_count_matches_allocated_model(model):
-    assert count_parameters(CONFIG) == sum(leaf.size for leaf in jax.tree.leaves(nnx.state(model)))
+    assert count_parameters(CONFIG) == sum(leaf.size for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def test_captured_mlp_neurons_project_to_the_mlp_output(model):
+    """Neuron-level work reads the MLP's hidden activations; captured in the same step, they are what the
+    down projection turns into the MLP's output. What is not asked for is not kept."""
+    tokens = jnp.array([7, 1, 30, 22, 5])
+    trace = model.trace(model.embed(tokens), capture=Capture(mlp_hidden=True, mlp_out=True))
+    assert trace.layers.mlp_hidden.shape == (CONFIG.n_layers, 5, CONFIG.d_mlp)
+    projected = jnp.einsum("ltf,lfd->ltd", trace.layers.mlp_hidden, model.blocks.mlp.w_down[...])
+    np.testing.assert_allclose(projected, trace.layers.mlp_out, atol=1e-6)
+    assert trace.layers.head_z is None and trace.layers.residual is None and trace.layers.qkv is None
+
+
+def test_layers_are_stored_stacked_and_addressable_one_by_one(model):
+    assert model.blocks.attn.w_q.shape == (CONFIG.n_layers, CONFIG.d_model, CONFIG.n_heads, CONFIG.head_dim)
+    np.testing.assert_array_equal(model.layer(1).attn.w_o[...], model.blocks.attn.w_o[...][1])
+
+
+def test_conventions_are_data_and_config_reads_them(model):
+    mdm = with_config(model, CONFIG.replace(attention="bidirectional", mask_token_id=49, logit_shift=False))
+    assert mdm.config == CONFIG.replace(attention="bidirectional", mask_token_id=49, logit_shift=False)
+    assert nnx.graphdef(mdm) == nnx.graphdef(model)  # one static structure: one compiled program for both
+    assert int(mdm.conventions.mask_token[...]) == 49 and int(model.conventions.mask_token[...]) == -1
+    with pytest.raises(ConfigError, match="not concrete"):
+        jax.jit(lambda m: m.config)(mdm)

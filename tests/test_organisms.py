@@ -61,7 +61,7 @@ def test_the_trajectory_starts_at_the_arm_and_ends_at_the_mdm(pair):
     assert len(steps) >= 6 and steps[0] == 0 and steps == sorted(steps)
     first, last = organisms.trajectory_model(steps[0]), organisms.trajectory_model(steps[-1])
     assert first.config == last.config == pair.mdm.config
-    for a, b in zip(jax.tree.leaves(nnx.state(first)), jax.tree.leaves(nnx.state(pair.arm))):
+    for a, b in zip(jax.tree.leaves(nnx.state(first, nnx.Param)), jax.tree.leaves(nnx.state(pair.arm, nnx.Param))):
         np.testing.assert_array_equal(a, b)
     middle = organisms.trajectory_model(steps[len(steps) // 2])
     assert not np.array_equal(middle.embedding[...], first.embedding[...])

@@ -30,7 +30,7 @@ def forward_replacing_head(model, tokens, layer, index, replacement):
     mask = model.attention_mask(jnp.ones(n, dtype=bool))
     rope = rotary_tables(jnp.arange(n), CONFIG.head_dim, CONFIG.rope_theta)
     x = model.embed(tokens)
-    for l, block in enumerate(model.blocks):
+    for l, block in enumerate(map(model.layer, range(model.config.n_layers))):
         outputs = block.attn.head_outputs(block.attn.heads(block.attn_norm(x), mask=mask, rope=rope))
         if l == layer:
             outputs = outputs.at[:, index].set(replacement)
@@ -123,3 +123,15 @@ def test_unpatched_run_is_the_model():
     graphdef, state = nnx.split(model)
     np.testing.assert_allclose(result.sources[1:5].swapaxes(0, 1), head_outputs(graphdef, state, tokens)[0],
                                rtol=1e-5, atol=1e-6)
+
+
+def test_the_intervened_forward_compiles_to_the_plain_forwards_memory():
+    """The plain and the intervened forward are one block step: without interventions they compile to the
+    same temporaries, and the parameters are arguments once (not restacked into temporaries)."""
+    model = random_model(CONFIG.replace(n_layers=4), 0)
+    tokens = jax.ShapeDtypeStruct((4, 12), jnp.int32)
+    plain = jax.jit(lambda m, t: jax.vmap(m)(t)).lower(model, tokens).compile().memory_analysis()
+    intervened = jax.jit(lambda m, t: jax.vmap(lambda x: m.unembed(run(m, m.embed(x), keep_sources=False).final))(
+        t)).lower(model, tokens).compile().memory_analysis()
+    assert intervened.temp_size_in_bytes <= 1.1 * plain.temp_size_in_bytes
+    assert intervened.argument_size_in_bytes == plain.argument_size_in_bytes

@@ -8,8 +8,9 @@ import pytest
 import tokenizers
 from tokenizers import models, pre_tokenizers
 
+from mdm_circuits.errors import BatchError
 from mdm_circuits.tasks import countdown, greater_than, infilling, ioi, jsonl
-from mdm_circuits.tasks.batch import BatchError, collate
+from mdm_circuits.tasks.batch import collate
 from mdm_circuits.tasks.views import View
 
 

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from mdm_circuits.errors import TrainingError
 from mdm_circuits.model.config import ModelConfig
 from mdm_circuits.model.transformer import Transformer
 from mdm_circuits.training import (
     Corpus,
     TrainConfig,
-    TrainingError,
     annealed_pattern,
     causal_lm_loss,
     masked_diffusion_loss,

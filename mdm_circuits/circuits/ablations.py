@@ -10,6 +10,8 @@ import numpy as np
 from flax import struct
 from jaxtyping import Array, Float
 
+from mdm_circuits.errors import InterventionError
+
 AblationKind = Literal["corrupted", "zero", "mean", "mean_positional", "resample"]
 
 
@@ -44,7 +46,7 @@ class Ablation:
         if self.kind != "resample":
             return None
         if n < 2:
-            raise ValueError("resample ablation needs at least two examples")
+            raise InterventionError("resample ablation needs at least two examples")
         return (np.arange(n) - (1 + self.seed % (n - 1))) % n
 
     def sources(self, clean: Float[Array, "B N T D"], corrupted: Float[Array, "B N T D"],
@@ -58,13 +60,14 @@ class Ablation:
                 return jnp.zeros_like(clean)
             case "mean" | "mean_positional":
                 if self.mean is None:
-                    raise ValueError(f"{self.kind} ablation needs its means; call fit (attribute does)")
+                    raise InterventionError(f"{self.kind} ablation needs its means; call fit (attribute does)")
                 length = clean.shape[2]
                 if self.mean.shape[1] < length:
-                    raise ValueError(f"means were fitted on {self.mean.shape[1]} positions, the batch has {length}")
+                    raise InterventionError(f"means were fitted on {self.mean.shape[1]} positions, the batch has "
+                                            f"{length}")
                 return jnp.broadcast_to(self.mean[None, :, :length].astype(clean.dtype), clean.shape)
             case "resample":
                 if partner is None:
-                    raise ValueError("resample ablation needs the partners' clean outputs")
+                    raise InterventionError("resample ablation needs the partners' clean outputs")
                 return partner
-        raise ValueError(f"unknown ablation kind {self.kind!r}")
+        raise InterventionError(f"unknown ablation kind {self.kind!r}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Sequence
 
 import jax
 import numpy as np
@@ -22,10 +23,21 @@ import numpy as np
 from mdm_circuits.circuits.ablations import Ablation
 from mdm_circuits.circuits.graph import Graph
 from mdm_circuits.circuits.interventions import EdgeWeights, Interventions, run
-from mdm_circuits.circuits.runs import Progress, chunked, fit_ablation, over_batches, plain_runs, read_logits
+from mdm_circuits.circuits.runs import (
+    Progress,
+    as_models,
+    chunked,
+    fit_ablation,
+    for_every_model,
+    model_batches,
+    over_batches,
+    plain_runs,
+    read_logits,
+)
 from mdm_circuits.circuits.scores import Scores
-from mdm_circuits.circuits.selection import CircuitError, prune, top_k
-from mdm_circuits.model.transformer import Transformer
+from mdm_circuits.circuits.selection import prune, top_k
+from mdm_circuits.errors import CircuitError
+from mdm_circuits.model.transformer import ModelStack, Transformer
 from mdm_circuits.tasks.batch import Batch
 from mdm_circuits.tasks.metrics import Metric
 
@@ -47,7 +59,6 @@ class Evaluation:
         return (self.circuit_metric - self.ablated_metric) / gap
 
 
-@functools.partial(jax.jit, static_argnames=("metric",))
 def _circuit_metrics(model, batch, weights, partners, ablation, circuit_chunks, *, metric):
     """Σ_examples weight · metric for every circuit in `circuit_chunks[n, c, N, M]`, and both baselines' values."""
     _, ablated, clean_logits, clean_metric, corrupted_metric = plain_runs(model, metric, batch, ablation, partners)
@@ -61,27 +72,44 @@ def _circuit_metrics(model, batch, weights, partners, ablation, circuit_chunks, 
         return jax.vmap(one_example)(batch, ablated, clean_logits)
 
     values = jax.lax.map(jax.vmap(one_circuit), circuit_chunks).reshape(-1, batch.size)
-    return values @ weights.astype(values.dtype), clean_metric, corrupted_metric
+    return values @ weights.astype(values.dtype), None, clean_metric, corrupted_metric
 
 
-def evaluate(model: Transformer, batch: Batch, circuits: np.ndarray, metric: Metric, *,
+@functools.partial(jax.jit, static_argnames=("model_axis", "metric"))
+def _circuit_metrics_batch(models, batch, weights, partners, ablation, circuit_chunks, *, model_axis, metric):
+    """`_circuit_metrics` of every model, each with its own circuits (vmapped over a stack's model axis)."""
+    return for_every_model(functools.partial(_circuit_metrics, metric=metric), model_axis, (0, None, 0, 0, 0))(
+        models, batch, weights, partners, ablation, circuit_chunks)
+
+
+def evaluate(models: Transformer | ModelStack, batch: Batch | Sequence[Batch], circuits, metric: Metric, *,
              ablation: Ablation = Ablation(), batch_size: int = 32, chunk: int = 4,
-             progress: Progress | None = None) -> Evaluation:
-    """Mean metric of each circuit (`[N, M]` or a stack `[C, N, M]`), with the clean and ablated baselines."""
-    graph = Graph.for_model(model.config)
-    circuits = np.asarray(circuits, dtype=bool)
-    circuits = circuits[None] if circuits.ndim == 2 else circuits
-    if circuits.shape[1:] != graph.edge_mask.shape:
-        raise CircuitError(f"circuits of shape {circuits.shape[1:]} do not fit this model's graph "
-                           f"{graph.edge_mask.shape}")
-    batch.check(model.config)
-    ablation = fit_ablation(model, batch, ablation, batch_size)
-    with_empty = np.concatenate([circuits & graph.edge_mask, np.zeros_like(circuits[:1])])
-    chunks = chunked(with_empty, chunk)
-    totals = over_batches(batch, batch_size, ablation, lambda part, weights, partners: _circuit_metrics(
-        model, part, weights, partners, ablation, chunks, metric=metric), progress)
-    means = totals.mean[: len(with_empty)]
-    return Evaluation(means[:-1], totals.clean_metric, float(means[-1]))
+             progress: Progress | None = None) -> Evaluation | list[Evaluation]:
+    """Mean metric of each circuit (`[N, M]` or several, `[C, N, M]`), with the clean and ablated baselines.
+
+    For a `ModelStack`, `circuits` is one array for every model or a sequence with one per model (equally
+    many circuits each), `batch` one batch or one per model; one `Evaluation` per model is returned."""
+    chosen = as_models(models)
+    graph = Graph.for_model(chosen.configs[0])
+    per_model = list(circuits) if chosen.stacked and not isinstance(circuits, np.ndarray) else [circuits] * chosen.size
+    if len(per_model) != chosen.size:
+        raise CircuitError(f"give one set of circuits for every model, or one per model ({chosen.size} models, "
+                           f"{len(per_model)} sets)")
+    per_model = [np.asarray(c, dtype=bool) for c in per_model]
+    per_model = [c[None] if c.ndim == 2 else c for c in per_model]
+    for c in per_model:
+        if c.shape[1:] != graph.edge_mask.shape or c.shape[0] != per_model[0].shape[0]:
+            raise CircuitError(f"circuits of shape {c.shape} do not fit this model's graph {graph.edge_mask.shape} "
+                               f"(or the models have different numbers of circuits)")
+    batch = model_batches(chosen, batch)
+    ablation = fit_ablation(chosen, batch, ablation, batch_size)
+    with_empty = np.stack([np.concatenate([c & graph.edge_mask, np.zeros_like(c[:1])]) for c in per_model])
+    chunks = chunked(with_empty, chunk, axis=1)
+    totals = over_batches(chosen, batch, batch_size, ablation, lambda part, weights, partners: _circuit_metrics_batch(
+        chosen.tree, part, weights, partners, ablation, chunks, model_axis=chosen.axis, metric=metric), progress)
+    n = with_empty.shape[1]
+    return chosen.results([Evaluation(totals.mean[index, : n - 1], float(totals.clean_metric[index]),
+                                      float(totals.mean[index, n - 1])) for index in range(chosen.size)])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,20 +122,31 @@ class Curve:
         return self.evaluation.faithfulness
 
 
-def faithfulness_curve(model: Transformer, batch: Batch, scores: Scores, metric: Metric, ks, *,
-                       absolute: bool = True, prune_dangling: bool = False, **evaluate_options) -> Curve:
-    """Faithfulness of the top-K circuit for every K in `ks`, all in one vmapped evaluation."""
+def faithfulness_curve(models: Transformer | ModelStack, batch: Batch | Sequence[Batch],
+                       scores: Scores | Sequence[Scores], metric: Metric, ks, *, absolute: bool = True,
+                       prune_dangling: bool = False, **evaluate_options) -> Curve | list[Curve]:
+    """Faithfulness of the top-K circuit for every K in `ks`, all in one vmapped evaluation (for a
+    `ModelStack`, `scores` holds one `Scores` per model, and every model's curve is one program)."""
     ks = np.asarray(ks, dtype=int)
-    circuits = [top_k(scores.graph, scores.matrix, int(k), absolute=absolute) for k in ks]
-    if prune_dangling:
-        circuits = [prune(scores.graph, circuit) for circuit in circuits]
-    return Curve(ks, evaluate(model, batch, np.stack(circuits), metric, **evaluate_options))
+    stacked = isinstance(models, ModelStack)
+    per_model = list(scores) if stacked else [scores]
+
+    def circuits_of(model_scores: Scores) -> np.ndarray:
+        circuits = [top_k(model_scores.graph, model_scores.matrix, int(k), absolute=absolute) for k in ks]
+        if prune_dangling:
+            circuits = [prune(model_scores.graph, circuit) for circuit in circuits]
+        return np.stack(circuits)
+
+    circuits = [circuits_of(model_scores) for model_scores in per_model]
+    evaluations = evaluate(models, batch, circuits if stacked else circuits[0], metric, **evaluate_options)
+    return [Curve(ks, evaluation) for evaluation in evaluations] if stacked else Curve(ks, evaluations)
 
 
 def smallest_faithful(model: Transformer, batch: Batch, scores: Scores, metric: Metric, tau: float, *,
                       absolute: bool = True, prune_dangling: bool = False, grid: int = 12,
                       **evaluate_options) -> tuple[int, np.ndarray, float]:
-    """The smallest K whose top-K circuit reaches faithfulness `tau`: (K, circuit, its faithfulness).
+    """The smallest K whose top-K circuit reaches faithfulness `tau`: (K, circuit, its faithfulness), for
+    one model (run it on each model of a stack in turn: they share one compiled program).
 
     A geometric grid of K (one vmapped evaluation) brackets the first K that reaches tau; bisection then
     narrows the bracket. Faithfulness need not grow monotonically with K, so the answer is the smallest K

@@ -42,22 +42,26 @@ class PerStep(NamedTuple):
     factor: Float[Array, "L 3 H T"]     # β
 
 
+def _per_query_head(model: Transformer, key_value: Array, axis: int) -> Array:
+    """Key/value heads repeated so that query head h finds its own at index h (on a layer-stacked axis)."""
+    return jnp.repeat(key_value, model.architecture.heads_per_kv, axis=axis)
+
+
 def _biases(model: Transformer) -> Float[Array, "L 3 H E"] | None:
-    attn = [block.attn for block in model.blocks]
-    if attn[0].b_q is None:
+    attn = model.blocks.attn
+    if attn.b_q is None:
         return None
-    return jnp.stack([jnp.stack([a.b_q[...], a.expand_kv(a.b_k[...], 0), a.expand_kv(a.b_v[...], 0)])
-                      for a in attn])
+    keys, values = _per_query_head(model, attn.b_k[...], 1), _per_query_head(model, attn.b_v[...], 1)
+    return jnp.stack([attn.b_q[...], keys, values], axis=1)
 
 
 def step_parts(model: Transformer, result: Run, gradients: Probes) -> tuple[Summed, PerStep]:
     """Split one run's probe gradients into what is summed over steps and what is kept per step."""
-    wide = accumulation_dtype(result.attention_inputs.dtype)
-    x = result.attention_inputs.astype(wide)                                     # [L, T, D]
-    eps = jnp.array([block.attn_norm.eps for block in model.blocks], wide)
-    r = jnp.sqrt(jnp.mean(jnp.square(x), axis=-1) + eps[:, None])               # [L, T]
+    wide = accumulation_dtype(result.layers.residual.dtype)
+    x = result.layers.residual.astype(wide)                                     # [L, T, D]
+    r = model.blocks.attn_norm.rms(x)                                           # [L, T]
     g = jnp.stack([gradients.q, gradients.k, gradients.v], axis=1).astype(wide)  # [L, 3, T, H, E]
-    projected = result.qkv.astype(wide)
+    projected = result.layers.qkv.astype(wide)
     biases = _biases(model)
     if biases is not None:
         projected = projected - biases[:, :, None].astype(wide)
@@ -68,24 +72,35 @@ def step_parts(model: Transformer, result: Run, gradients: Probes) -> tuple[Summ
 
 
 def scores(model: Transformer, delta: Float[Array, "R B T D"], summed: Summed, per_step: PerStep,
-           steps: int) -> tuple[Float[Array, "R L 3 H"], Float[Array, "R L"], Float[Array, " R"]]:
+           steps: int, per_example: bool = False) -> tuple[Float[Array, "R L 3 H"], Float[Array, "R L"],
+                                                            Float[Array, " R"]]:
     """Σ_{b,t,d} Δ[r,b,t,d] · (mean gradient w.r.t. each destination's input)[b,t,d], for R rows of Δ: into
-    every head's q, k and v input, every MLP's input, and the logits' input.
+    every head's q, k and v input, every MLP's input, and the logits' input. With `per_example`, the sum
+    over b is not taken: every output gains a leading batch axis.
 
     `summed` and `per_step` carry a leading batch axis (`per_step` then one entry per step). For the heads,
     the term W_s Σ g/r is formed for every head once and contracted as one large product; the correction
     term is contracted through its factors (Σ_d Δ·x̂ first), so its [L, 3, H, B, T, D] tensor never exists.
     """
-    attn = [block.attn for block in model.blocks]
-    weights = jnp.stack([jnp.stack([a.w_q[...], a.expand_kv(a.w_k[...]), a.expand_kv(a.w_v[...])]) for a in attn])
+    attn = model.blocks.attn
+    weights = jnp.stack([attn.w_q[...], _per_query_head(model, attn.w_k[...], 2),
+                         _per_query_head(model, attn.w_v[...], 2)], axis=1)                 # [L, 3, D, H, E]
     wide = summed.heads.dtype
-    norm_scales = jnp.stack([block.attn_norm.scale[...] for block in model.blocks]).astype(wide)
-    scaled_weights = weights.astype(wide) * norm_scales[:, None, :, None, None]             # [L, 3, D, H, E]
-    rows = delta.reshape(delta.shape[0], -1)                                                # [R, B·T·D]
+    norm_scales = model.blocks.attn_norm.scale[...].astype(wide)                            # [L, D]
+    scaled_weights = weights.astype(wide) * norm_scales[:, None, :, None, None]
     projected_back = jnp.einsum("blpthe,lpdhe->lphbtd", summed.heads, scaled_weights)
     n_layers, _, n_heads = projected_back.shape[:3]
-    heads = rows @ projected_back.reshape(n_layers * 3 * n_heads, -1).T
     along_x = jnp.einsum("rbtd,bkltd->rbklt", delta, per_step.normalized)
+    if per_example:
+        heads = jnp.einsum("rbx,kbx->brk", delta.reshape(*delta.shape[:2], -1),
+                           projected_back.reshape(n_layers * 3 * n_heads, delta.shape[1], -1))
+        correction = jnp.einsum("rbklt,bklpht->brlph", along_x, per_step.factor)
+        heads = heads.reshape(*heads.shape[:2], n_layers, 3, n_heads) - correction
+        mlps = jnp.einsum("rbtd,lbtd->brl", delta, jnp.moveaxis(summed.mlp, 1, 0))
+        logits = jnp.einsum("rbtd,btd->br", delta, summed.logits)
+        return heads / steps, mlps / steps, logits / steps
+    rows = delta.reshape(delta.shape[0], -1)                                                # [R, B·T·D]
+    heads = rows @ projected_back.reshape(n_layers * 3 * n_heads, -1).T
     correction = jnp.einsum("rbklt,bklpht->rlph", along_x, per_step.factor)
     heads = heads.reshape(-1, n_layers, 3, n_heads) - correction
     mlps = rows @ jnp.moveaxis(summed.mlp, 1, 0).reshape(n_layers, -1).T

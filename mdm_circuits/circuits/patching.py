@@ -19,9 +19,19 @@ import numpy as np
 from mdm_circuits.circuits.ablations import Ablation
 from mdm_circuits.circuits.graph import Graph, Node
 from mdm_circuits.circuits.interventions import EdgeWeights, Interventions, NodePatch, run
-from mdm_circuits.circuits.runs import Progress, chunked, fit_ablation, over_batches, plain_runs, read_logits
+from mdm_circuits.circuits.runs import (
+    Progress,
+    as_models,
+    chunked,
+    fit_ablation,
+    for_every_model,
+    model_batches,
+    over_batches,
+    plain_runs,
+    read_logits,
+)
 from mdm_circuits.circuits.scores import Scores
-from mdm_circuits.model.transformer import Transformer
+from mdm_circuits.model.transformer import ModelStack, Transformer
 from mdm_circuits.tasks.batch import Batch
 from mdm_circuits.tasks.metrics import Metric
 
@@ -37,11 +47,18 @@ def _effects(model, metric, batch, weights, clean_logits, clean_metric, one_patc
     return (losses - clean_loss[None]) @ weights.astype(losses.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("metric",))
+@functools.partial(jax.jit, static_argnames=("effects", "model_axis", "metric"))
+def _effects_batch(models, batch, weights, partners, ablation, patch_chunks, *, effects, model_axis, metric):
+    """One of the per-model effect programs below, for every model (vmapped over a stack's model axis); every
+    model takes the same patches."""
+    return for_every_model(functools.partial(effects, metric=metric), model_axis, (0, None, 0, 0, None))(
+        models, batch, weights, partners, ablation, patch_chunks)
+
+
 def _edge_effects(model, batch, weights, partners, ablation, edge_chunks, *, metric):
     """Effects of ablating each edge of `edge_chunks[n, c, 2]` (source, destination) alone."""
     _, ablated, clean_logits, clean_metric, corrupted_metric = plain_runs(model, metric, batch, ablation, partners)
-    graph = Graph.for_model(model.config)
+    graph = Graph.for_model(model.architecture)
     full = jnp.ones((graph.n_sources, graph.n_destinations))
 
     def one_edge(edge):
@@ -55,21 +72,26 @@ def _edge_effects(model, batch, weights, partners, ablation, edge_chunks, *, met
         return jax.vmap(one_example)(batch, ablated, clean_logits)
 
     effects = _effects(model, metric, batch, weights, clean_logits, clean_metric, one_edge, edge_chunks)
-    return effects, clean_metric, corrupted_metric
+    return effects, None, clean_metric, corrupted_metric
 
 
-def exact_edges(model: Transformer, batch: Batch, metric: Metric, *, ablation: Ablation = Ablation(),
-                batch_size: int = 32, edge_chunk: int = 64, progress: Progress | None = None) -> Scores:
+def exact_edges(models: Transformer | ModelStack, batch: Batch | Sequence[Batch], metric: Metric, *,
+                ablation: Ablation = Ablation(), batch_size: int = 32, edge_chunk: int = 64,
+                progress: Progress | None = None) -> Scores | list[Scores]:
     """Exact edge scores: each edge ablated alone (its destination reads the ablation value from it)."""
-    batch.check(model.config)
-    ablation = fit_ablation(model, batch, ablation, batch_size)
-    graph = Graph.for_model(model.config)
+    chosen = as_models(models)
+    batch = model_batches(chosen, batch)
+    ablation = fit_ablation(chosen, batch, ablation, batch_size)
+    graph = Graph.for_model(chosen.configs[0])
     edges = np.stack(graph.edge_indices, axis=1)
     chunks = chunked(edges, edge_chunk)
-    totals = over_batches(batch, batch_size, ablation, lambda part, weights, partners: _edge_effects(
-        model, part, weights, partners, ablation, chunks, metric=metric), progress)
-    matrix = graph.edge_matrix(totals.mean[: len(edges)].astype(np.float32))
-    return Scores(graph, matrix, "exact", None, batch.size, totals.clean_metric, totals.corrupted_metric)
+    totals = over_batches(chosen, batch, batch_size, ablation, lambda part, weights, partners: _effects_batch(
+        chosen.tree, part, weights, partners, ablation, chunks, effects=_edge_effects, model_axis=chosen.axis,
+        metric=metric), progress)
+    return chosen.results([
+        Scores(graph, graph.edge_matrix(totals.mean[index, : len(edges)].astype(np.float32)), "exact", None,
+               batch.clean.shape[1], float(totals.clean_metric[index]), float(totals.corrupted_metric[index]))
+        for index in range(chosen.size)])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +110,6 @@ class NodeEffects:
         return [(self.nodes[i], float(totals[i])) for i in order]
 
 
-@functools.partial(jax.jit, static_argnames=("metric",))
 def _node_effects(model, batch, weights, partners, ablation, patch_chunks, *, metric):
     """Effects of each patch of `patch_chunks[n, c, 2]` = (source, position), position −1 meaning every
     position."""
@@ -110,26 +131,33 @@ def _node_effects(model, batch, weights, partners, ablation, patch_chunks, *, me
         return jax.vmap(one_example)(batch, ablated, clean_logits)
 
     effects = _effects(model, metric, batch, weights, clean_logits, clean_metric, one_patch, patch_chunks)
-    return effects, clean_metric, corrupted_metric
+    return effects, None, clean_metric, corrupted_metric
 
 
-def patch_nodes(model: Transformer, batch: Batch, metric: Metric, *, nodes: Sequence[Node] | None = None,
-                per_position: bool = False, ablation: Ablation = Ablation(), batch_size: int = 32,
-                chunk: int = 16, progress: Progress | None = None) -> NodeEffects:
+def patch_nodes(models: Transformer | ModelStack, batch: Batch | Sequence[Batch], metric: Metric, *,
+                nodes: Sequence[Node] | None = None, per_position: bool = False, ablation: Ablation = Ablation(),
+                batch_size: int = 32, chunk: int = 16, progress: Progress | None = None
+                ) -> NodeEffects | list[NodeEffects]:
     """Ablate each node (every source node by default) alone, at all positions or at each position in turn.
 
     A node's output is replaced by its ablation value (the corrupted run's by default) and everything
     downstream recomputes. With `per_position`, one patch per (node, position): every head at every
-    position is one vmapped program.
+    position is one vmapped program. A `ModelStack` gives one `NodeEffects` per model, from one program.
     """
-    batch.check(model.config)
-    ablation = fit_ablation(model, batch, ablation, batch_size)
-    graph = Graph.for_model(model.config)
+    chosen = as_models(models)
+    batch = model_batches(chosen, batch)
+    ablation = fit_ablation(chosen, batch, ablation, batch_size)
+    graph = Graph.for_model(chosen.configs[0])
     nodes = tuple(graph.sources if nodes is None else nodes)
-    positions = range(batch.clean.shape[1]) if per_position else (-1,)
+    positions = range(batch.clean.shape[2]) if per_position else (-1,)
     patches = np.array([(graph.source_index(node), t) for node in nodes for t in positions], np.int32)
     chunks = chunked(patches, chunk)
-    totals = over_batches(batch, batch_size, ablation, lambda part, weights, partners: _node_effects(
-        model, part, weights, partners, ablation, chunks, metric=metric), progress)
-    values = totals.mean[: len(patches)].reshape(len(nodes), -1)
-    return NodeEffects(nodes, values if per_position else values[:, 0], per_position, totals.clean_metric)
+    totals = over_batches(chosen, batch, batch_size, ablation, lambda part, weights, partners: _effects_batch(
+        chosen.tree, part, weights, partners, ablation, chunks, effects=_node_effects, model_axis=chosen.axis,
+        metric=metric), progress)
+    results = []
+    for index in range(chosen.size):
+        values = totals.mean[index, : len(patches)].reshape(len(nodes), -1)
+        results.append(NodeEffects(nodes, values if per_position else values[:, 0], per_position,
+                                   float(totals.clean_metric[index])))
+    return chosen.results(results)

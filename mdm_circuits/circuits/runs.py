@@ -1,10 +1,17 @@
-"""Running examples for scoring: reading the answer logits, clean and corrupted runs, batching with
-running sums, and metric checks."""
+"""Running examples for scoring: one model or a stack of them, reading the answer logits, clean and corrupted
+runs, batching with running sums, and metric checks.
+
+Every per-batch program is written for one model and mapped over a model axis (`for_every_model`). A
+single model is not copied into a stack: the batch gains a model axis of size one, which the program drops
+(a vmap of size one would batch every product and cost ~20% on a CPU). So the batch, the resampling
+partners and fitted ablation means always carry a leading model axis `[M, B, ...]`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+import functools
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -13,16 +20,85 @@ from jaxtyping import Array, Float
 
 from mdm_circuits.circuits.ablations import Ablation
 from mdm_circuits.circuits.interventions import run
-from mdm_circuits.circuits.scores import AttributionError
-from mdm_circuits.model.transformer import Transformer
-from mdm_circuits.tasks.batch import Batch
+from mdm_circuits.errors import AttributionError, BatchError
+from mdm_circuits.model.config import ModelConfig
+from mdm_circuits.model.transformer import ModelStack, Transformer
+from mdm_circuits.tasks.batch import Batch, stack_batches
 
 Progress = Callable[[int, int], None]
 
 
+@dataclasses.dataclass(frozen=True)
+class Models:
+    """What the per-batch programs take: one model (`axis` None) or a stack on a leading model axis (0)."""
+
+    tree: Transformer
+    configs: tuple[ModelConfig, ...]
+    stacked: bool
+
+    @property
+    def axis(self) -> int | None:
+        return 0 if self.stacked else None
+
+    @property
+    def size(self) -> int:
+        return len(self.configs)
+
+    def name(self, index: int) -> str:
+        """How an error names model `index`."""
+        return f"model {index} of the stack: " if self.stacked else ""
+
+    def results(self, per_model: list):
+        """One result per model of a stack; the result itself for a single model."""
+        return per_model if self.stacked else per_model[0]
+
+
+def for_every_model(function: Callable, model_axis: int | None, in_axes: Sequence[int | None]) -> Callable:
+    """`function(model, *args)` for every model: vmapped over the leading model axis of the models and of the
+    `args` whose `in_axes` entry is 0 (the others are shared). With `model_axis` None (a single model) it runs
+    once, on the size-one model axis of those args, and its outputs gain that axis back."""
+    if model_axis is not None:
+        return jax.vmap(function, in_axes=(model_axis, *in_axes))
+
+    def single(model, *args):
+        args = [arg if axis is None else jax.tree.map(lambda leaf: leaf[0], arg) for arg, axis in zip(args, in_axes)]
+        return jax.tree.map(lambda leaf: leaf[None], function(model, *args))
+
+    return single
+
+
+def as_models(models: Transformer | ModelStack) -> Models:
+    if isinstance(models, ModelStack):
+        return Models(models.models, models.configs, True)
+    return Models(models, (models.config,), False)
+
+
+def model_batches(models: Models, batch: Batch | Sequence[Batch]) -> Batch:
+    """The examples of every model, `[M, B, ...]`, checked against each model's configuration: one batch for
+    all models, or one per model of a stack (each posed in its model's view)."""
+    if isinstance(batch, Batch):
+        batches = [batch] * models.size
+    else:
+        batches = list(batch)
+        if not models.stacked or len(batches) != models.size:
+            raise BatchError(f"give one batch for every model, or one per model of a stack ({models.size} "
+                             f"model(s), {len(batches)} batches)")
+    for index, (config, part) in enumerate(zip(models.configs, batches)):
+        try:
+            part.check(config)
+        except BatchError as error:
+            raise BatchError(models.name(index) + str(error)) from error
+    return stack_batches(batches)
+
+
 def read_logits(model: Transformer, final: Float[Array, "T D"], example: Batch) -> Float[Array, "A V"]:
     """Logits at the positions that predict the example's answer tokens (only those are unembedded)."""
-    return model.unembed(final[example.read_positions(model.config)])
+    return model.unembed(final[example.read_positions(model)])
+
+
+def clean_sources(model: Transformer, batch: Batch) -> Float[Array, "B N T D"]:
+    """Every node's output on every clean example."""
+    return jax.vmap(lambda example: run(model, model.embed(example.clean), valid=example.valid).sources)(batch)
 
 
 def plain_runs(model, metric, batch, ablation: Ablation, partners: Batch | None = None):
@@ -37,88 +113,112 @@ def plain_runs(model, metric, batch, ablation: Ablation, partners: Batch | None 
                 metric(corrupted_logits, example, clean_logits))
 
     clean, corrupted, clean_logits, clean_metric, corrupted_metric = jax.vmap(one)(batch)
-    partner = None if partners is None else jax.vmap(
-        lambda e: run(model, model.embed(e.clean), valid=e.valid).sources)(partners)
+    partner = None if partners is None else clean_sources(model, partners)
     return clean, ablation.sources(clean, corrupted, partner), clean_logits, clean_metric, corrupted_metric
 
 
 def _slices(batch: Batch, batch_size: int):
-    """(start, slice) of `batch_size` examples, the last padded with copies of its first example, so every
-    slice has one shape and a program compiles once."""
-    for start in range(0, batch.size, batch_size):
-        part = batch[start: start + batch_size]
-        if part.size < batch_size and batch.size > batch_size:
-            part = jax.tree.map(lambda a: jnp.concatenate([a, jnp.repeat(a[:1], batch_size - a.shape[0], 0)]),
-                                part)
+    """(start, slice) of `batch_size` examples of every model (`batch` is `[M, B, ...]`), the last padded
+    with copies of its first example, so every slice has one shape and a program compiles once."""
+    size = batch.clean.shape[1]
+    for start in range(0, size, batch_size):
+        part = jax.tree.map(lambda a: a[:, start: start + batch_size], batch)
+        missing = batch_size - part.clean.shape[1]
+        if missing and size > batch_size:
+            part = jax.tree.map(lambda a: jnp.concatenate([a, jnp.repeat(a[:, :1], missing, 1)], axis=1), part)
         yield start, part
 
 
-def check_metric(values: np.ndarray, what: str, offset: int = 0) -> None:
-    bad = np.nonzero(~np.isfinite(values))[0]
-    if len(bad):
-        raise AttributionError(
-            f"the metric is not finite on the {what} run of example(s) {(bad + offset).tolist()[:10]}; check "
-            f"the answer tokens and positions (a token outside the vocabulary, or a probability of zero)")
+def check_metric(models: Models, values: np.ndarray, what: str, offset: int = 0) -> None:
+    """Refuse non-finite metric values `[M, B]`, naming the model and the examples."""
+    for index, row in enumerate(values):
+        bad = np.nonzero(~np.isfinite(row))[0]
+        if len(bad):
+            raise AttributionError(
+                f"{models.name(index)}the metric is not finite on the {what} run of example(s) "
+                f"{(bad + offset).tolist()[:10]}; check the answer tokens and positions (a token outside the "
+                f"vocabulary, or a probability of zero)")
 
 
 @dataclasses.dataclass(frozen=True)
 class Totals:
-    """A per-batch program's results averaged over the dataset, with the mean clean and corrupted metrics."""
+    """A per-batch program's results over the dataset, for every model: the mean of its summed output, its
+    per-example rows when it returns them, and the mean clean and corrupted metrics."""
 
     mean: np.ndarray
-    clean_metric: float
-    corrupted_metric: float
+    rows: np.ndarray | None
+    clean_metric: np.ndarray
+    corrupted_metric: np.ndarray
 
 
-def over_batches(batch: Batch, batch_size: int, ablation: Ablation, program: Callable,
+def over_batches(models: Models, batch: Batch, batch_size: int, ablation: Ablation, program: Callable,
                  progress: Progress | None = None) -> Totals:
-    """Run `program(part, weights, partners)` over the dataset in slices of `batch_size`.
+    """Run `program(part, weights, partners)` over the dataset (`[M, B, ...]`) in slices of `batch_size`.
 
-    The program returns (a sum over the slice's examples weighted by `weights`, which are 0 for padding
-    copies; the clean metric per example; the corrupted metric per example). Sums are added up over the
-    slices and divided by the number of examples; non-finite metrics are refused, naming the examples.
+    The program returns, for every model: a sum over the slice's examples weighted by `weights` (0 for
+    padding copies), per-example rows or None, and the clean and the corrupted metric per example. Sums are
+    added up over the slices and divided by the number of examples; non-finite metrics are refused, naming
+    the model and the examples.
     """
     if batch_size < 1:
         raise AttributionError(f"batch_size must be positive, got {batch_size}")
-    partner_index = ablation.partners(batch.size)
-    total, clean, corrupted = 0.0, [], []
+    size = batch.clean.shape[1]
+    partner_index = ablation.partners(size)
+    total, rows, clean, corrupted = 0.0, [], [], []
     for start, part in _slices(batch, batch_size):
-        n = min(batch_size, batch.size - start)
+        n = min(batch_size, size - start)
         partners = None
         if partner_index is not None:
-            rows = partner_index[start: start + batch_size]
-            partners = batch[np.concatenate([rows, np.repeat(rows[:1], part.size - len(rows))])]
-        summed, clean_metric, corrupted_metric = program(part, jnp.arange(part.size) < n, partners)
-        check_metric(np.asarray(clean_metric[:n]), "clean", start)
-        check_metric(np.asarray(corrupted_metric[:n]), "corrupted", start)
+            index = partner_index[start: start + batch_size]
+            index = np.concatenate([index, np.repeat(index[:1], part.clean.shape[1] - len(index))])
+            partners = jax.tree.map(lambda a: a[:, index], batch)
+        summed, per_example, clean_metric, corrupted_metric = program(part, jnp.arange(part.clean.shape[1]) < n,
+                                                                      partners)
+        check_metric(models, np.asarray(clean_metric[:, :n]), "clean", start)
+        check_metric(models, np.asarray(corrupted_metric[:, :n]), "corrupted", start)
         total = total + np.asarray(summed, np.float64)
-        clean.append(np.asarray(clean_metric[:n], np.float64))
-        corrupted.append(np.asarray(corrupted_metric[:n], np.float64))
+        if per_example is not None:
+            rows.append(np.asarray(per_example[:, :n]))
+        clean.append(np.asarray(clean_metric[:, :n], np.float64))
+        corrupted.append(np.asarray(corrupted_metric[:, :n], np.float64))
         if progress is not None:
-            progress(start + n, batch.size)
-    return Totals(total / batch.size, float(np.concatenate(clean).mean()), float(np.concatenate(corrupted).mean()))
+            progress(start + n, size)
+    return Totals(total / size, np.concatenate(rows, axis=1) if rows else None,
+                  np.concatenate(clean, axis=1).mean(axis=1), np.concatenate(corrupted, axis=1).mean(axis=1))
 
 
-def fit_ablation(model: Transformer, batch: Batch, ablation: Ablation, batch_size: int) -> Ablation:
-    """Fix the means of a mean ablation from the clean runs of `batch`."""
+def _source_sums(model, batch, weights):
+    """Σ over real positions of weighted examples of every node's clean output, and the position counts."""
+    real = (batch.valid & weights[:, None]).astype(jnp.float32)
+    sources = clean_sources(model, batch)
+    return jnp.einsum("bntd,bt->ntd", sources.astype(jnp.float32), real), real.sum(0)
+
+
+@functools.partial(jax.jit, static_argnames=("model_axis",))
+def _source_sums_batch(models, batch, weights, *, model_axis):
+    return for_every_model(_source_sums, model_axis, (0, None))(models, batch, weights)
+
+
+def fit_ablation(models: Models, batch: Batch, ablation: Ablation, batch_size: int) -> Ablation:
+    """Fix every model's means of a mean ablation from its clean runs of `batch` (`[M, B, ...]`)."""
     if not ablation.needs_fit():
         return ablation
     if batch_size < 1:
         raise AttributionError(f"batch_size must be positive, got {batch_size}")
+    size = batch.clean.shape[1]
     sums, counts = 0.0, 0.0
     for start, part in _slices(batch, batch_size):
-        weights = jnp.arange(part.size) < min(batch_size, batch.size - start)
-        sources = jax.vmap(lambda e: run(model, model.embed(e.clean), valid=e.valid).sources)(part)
-        real = (part.valid & weights[:, None]).astype(jnp.float32)
-        sums = sums + jnp.einsum("bntd,bt->ntd", sources.astype(jnp.float32), real)
-        counts = counts + real.sum(0)
-    return ablation.fit(sums, counts)
+        part_sums, part_counts = _source_sums_batch(models.tree, part, jnp.arange(part.clean.shape[1]) < size - start,
+                                                    model_axis=models.axis)
+        sums, counts = sums + part_sums, counts + part_counts
+    return jax.vmap(Ablation.fit, in_axes=(None, 0, 0))(ablation, sums, counts)
 
 
-def chunked(rows: np.ndarray, chunk: int) -> jnp.ndarray:
-    """Rows padded to a multiple of `chunk` (with copies of the first) and reshaped to [n_chunks, chunk, ...],
-    for `lax.map` over chunks of vmapped work."""
+def chunked(rows: np.ndarray, chunk: int, axis: int = 0) -> jnp.ndarray:
+    """Rows (along `axis`) padded to a multiple of `chunk` with copies of the first, and split into
+    [n_chunks, chunk, ...] there, for `lax.map` over chunks of vmapped work."""
     if chunk < 1:
         raise AttributionError(f"chunk sizes must be positive, got {chunk}")
+    rows = np.moveaxis(np.asarray(rows), axis, 0)
     padded = np.concatenate([rows, np.repeat(rows[:1], -len(rows) % chunk, axis=0)])
-    return jnp.asarray(padded.reshape(-1, chunk, *rows.shape[1:]))
+    return jnp.asarray(np.moveaxis(padded.reshape(-1, chunk, *rows.shape[1:]), (0, 1), (axis, axis + 1)))

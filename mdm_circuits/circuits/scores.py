@@ -9,13 +9,13 @@ import numpy as np
 from mdm_circuits.circuits.graph import Graph
 
 
-class AttributionError(ValueError):
-    """Attribution that cannot give meaningful scores for the inputs given."""
-
-
 @dataclasses.dataclass(frozen=True)
 class Scores:
-    """Edge scores `[n_sources, n_destinations]` (zero off the edges) and how they were obtained."""
+    """Edge scores `[n_sources, n_destinations]` (zero off the edges) and how they were obtained.
+
+    per_example: with `attribute(..., per_example=True)`, every example's score of every edge,
+      `[n_examples, n_edges]` in the graph's edge order (their mean over examples is `edges`); else None.
+    """
 
     graph: Graph
     matrix: np.ndarray
@@ -24,6 +24,7 @@ class Scores:
     n_examples: int
     clean_metric: float
     corrupted_metric: float
+    per_example: np.ndarray | None = None
 
     @property
     def edges(self) -> np.ndarray:

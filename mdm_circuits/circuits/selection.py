@@ -12,10 +12,7 @@ import heapq
 import numpy as np
 
 from mdm_circuits.circuits.graph import Graph, NodeKind
-
-
-class CircuitError(ValueError):
-    """A circuit request that cannot be met (K out of range, undefined faithfulness...)."""
+from mdm_circuits.errors import CircuitError
 
 
 def _ranking(graph: Graph, scores: np.ndarray, absolute: bool) -> np.ndarray:

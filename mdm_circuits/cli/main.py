@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -14,26 +15,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from conversion import ConversionError, config_from_hf, convert
+from conversion import config_from_hf, convert
 from mdm_circuits import organisms
 from mdm_circuits.circuits.attribution import attribute
 from mdm_circuits.circuits.evaluation import faithfulness_curve, smallest_faithful
-from mdm_circuits.circuits.graph import Graph, GraphError, NodeKind
-from mdm_circuits.circuits.scores import AttributionError
-from mdm_circuits.circuits.selection import CircuitError
+from mdm_circuits.circuits.graph import Graph, NodeKind
 from mdm_circuits.decoding.accuracy import common_correct_pool
 from mdm_circuits.decoding.generation import diffuse, greedy
+from mdm_circuits.errors import Error, UsageError
 from mdm_circuits.model import checkpoint
-from mdm_circuits.model.checkpoint import CheckpointError
-from mdm_circuits.model.config import ConfigError, ModelConfig
+from mdm_circuits.model.config import ModelConfig
 from mdm_circuits.model.planning import plan
 from mdm_circuits.model.presets import PRESETS
 from mdm_circuits.model.transformer import with_config
 from mdm_circuits.organisms import recipe
 from mdm_circuits.tasks import TASKS
-from mdm_circuits.tasks.batch import BatchError, collate
+from mdm_circuits.tasks.batch import collate
 from mdm_circuits.tasks.views import View
-from mdm_circuits.training import TrainingError
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -64,10 +62,10 @@ def _mask_token_id(args: argparse.Namespace, config: ModelConfig, tokenizer) -> 
     if args.mask_token is not None:
         token_id = tokenizer.token_to_id(args.mask_token) if tokenizer else None
         if token_id is None:
-            raise SystemExit(f"error: --mask-token {args.mask_token!r} is not a single token of this tokenizer")
+            raise UsageError(f"--mask-token {args.mask_token!r} is not a single token of this tokenizer")
         return token_id
     if config.mask_token_id is None:
-        raise SystemExit("error: this model has no mask token; pass --mask-token-id N or --mask-token TEXT")
+        raise UsageError("this model has no mask token; pass --mask-token-id N or --mask-token TEXT")
     return config.mask_token_id
 
 
@@ -76,22 +74,22 @@ def _predict(args: argparse.Namespace) -> None:
     model = checkpoint.load(args.model)
     tokenizer = checkpoint.load_tokenizer(args.model)
     if tokenizer is None:
-        raise SystemExit(f"error: {args.model} has no tokenizer.json; convert from a source that has one")
+        raise UsageError(f"{args.model} has no tokenizer.json; convert from a source that has one")
     config = model.config
     if args.attention is not None:
         config = config.replace(attention=args.attention)
     mask_answer = config.is_mdm if args.mask_answer is None else args.mask_answer
     if not mask_answer and (args.mask_token is not None or args.mask_token_id is not None):
-        raise SystemExit("error: a mask token was given but the answer is not masked; add --mask-answer")
+        raise UsageError("a mask token was given but the answer is not masked; add --mask-answer")
     tokens = tokenizer.encode(args.prompt).ids
     if not tokens:
-        raise SystemExit("error: the prompt is empty")
+        raise UsageError("the prompt is empty")
     answer_position = len(tokens)
     if mask_answer:
         config = config.replace(mask_token_id=_mask_token_id(args, config, tokenizer))
         tokens = tokens + [config.mask_token_id]
     elif not config.logit_shift:
-        raise SystemExit("error: this model's logits are not shifted (output i predicts token i); "
+        raise UsageError("this model's logits are not shifted (output i predicts token i); "
                          "pass --mask-answer to append a masked answer position")
     model = with_config(model, config)
     print(f"loaded {args.model} in {time.perf_counter() - start:.1f} s; {config.attention} attention")
@@ -140,7 +138,7 @@ def _find_circuit(args: argparse.Namespace) -> None:
     model = checkpoint.load(args.model)
     tokenizer = checkpoint.load_tokenizer(args.model)
     if tokenizer is None:
-        raise SystemExit(f"error: {args.model} has no tokenizer.json; the task needs one to build its prompts")
+        raise UsageError(f"{args.model} has no tokenizer.json; the task needs one to build its prompts")
     config, task = model.config, TASKS[args.task]
     examples = task.examples(tokenizer, args.n, seed=args.seed, max_length=args.max_length,
                              view=View.for_model(config))
@@ -183,7 +181,7 @@ def _find_circuit(args: argparse.Namespace) -> None:
 def _load_with_tokenizer(directory: str):
     model, tokenizer = checkpoint.load(directory), checkpoint.load_tokenizer(directory)
     if tokenizer is None:
-        raise SystemExit(f"error: {directory} has no tokenizer.json; convert from a source that has one")
+        raise UsageError(f"{directory} has no tokenizer.json; convert from a source that has one")
     return model, tokenizer
 
 
@@ -192,7 +190,7 @@ def _generate(args: argparse.Namespace) -> None:
     config = model.config
     prompt = tokenizer.encode(args.prompt).ids
     if not prompt:
-        raise SystemExit("error: the prompt is empty")
+        raise UsageError("the prompt is empty")
     tokens = jnp.asarray(prompt + [config.mask_token_id or 0] * args.new)
     start = time.perf_counter()
     if config.attention == "causal":
@@ -213,7 +211,7 @@ def _pool(args: argparse.Namespace) -> None:
     arm, tokenizer = _load_with_tokenizer(args.arm)
     mdm = checkpoint.load(args.mdm)
     if arm.config.attention != "causal" or not mdm.config.is_mdm:
-        raise SystemExit("error: the first model must be an ARM (causal) and the second an MDM (mask token)")
+        raise UsageError("the first model must be an ARM (causal) and the second an MDM (mask token)")
     task = TASKS[args.task]
     print(f"drawing {args.task} examples until {args.n} are solved by both models (budget {args.budget})",
           flush=True)
@@ -251,7 +249,7 @@ def _config_from_path(path: Path, ignore_fields: list[str]) -> ModelConfig:
         return checkpoint.read_manifest(path)[0]
     config_file = path / "config.json" if path.is_dir() else path
     if not config_file.exists():
-        raise SystemExit(f"error: {path} is neither a preset, a saved model nor a Hugging Face config.json")
+        raise UsageError(f"{path} is neither a preset, a saved model nor a Hugging Face config.json")
     return config_from_hf(json.loads(config_file.read_text()), source=str(config_file),
                           ignore_fields=tuple(ignore_fields))[0]
 
@@ -270,11 +268,42 @@ def _sizes(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}") from error
 
 
+def _default_cache() -> str:
+    """$MDM_CIRCUITS_COMPILATION_CACHE, else the user's cache directory ($XDG_CACHE_HOME or ~/.cache)."""
+    if "MDM_CIRCUITS_COMPILATION_CACHE" in os.environ:
+        return os.environ["MDM_CIRCUITS_COMPILATION_CACHE"]
+    cache_home = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return str(Path(cache_home) / "mdm_circuits" / "xla")
+
+
+def _use_compilation_cache(directory: str | None) -> None:
+    """Keep compiled XLA programs on disk, so a second run with the same shapes does not compile again."""
+    if not directory or directory == "off":
+        return
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(Path(directory).absolute()))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def _common_options() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    cache = common.add_mutually_exclusive_group()
+    cache.add_argument("--compilation-cache", default=_default_cache(), metavar="DIR",
+                       help="directory of compiled programs kept between runs (default: %(default)s; "
+                            "$MDM_CIRCUITS_COMPILATION_CACHE sets another, 'off' none)")
+    cache.add_argument("--no-compilation-cache", dest="compilation_cache", action="store_const", const=None,
+                       help="compile everything afresh and keep nothing")
+    return common
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mdm-circuits", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+    common = _common_options()
 
-    convert = commands.add_parser("convert", help="convert a Hugging Face or GGUF checkpoint and save it")
+    convert = commands.add_parser("convert", parents=[common],
+                                  help="convert a Hugging Face or GGUF checkpoint and save it")
     convert.add_argument("source", help="Hugging Face directory, .gguf file, or 'smollm2-135m-instruct'")
     convert.add_argument("destination", help="directory to save the converted model in")
     convert.add_argument("--mdm", action="store_true",
@@ -286,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="a config.json field you know does not change the computation (repeatable)")
     convert.set_defaults(run=_convert)
 
-    predict = commands.add_parser("predict", help="top predictions of a converted model for a prompt")
+    predict = commands.add_parser("predict", parents=[common], help="top predictions of a converted model for a prompt")
     predict.add_argument("model", help="directory written by `mdm-circuits convert`")
     predict.add_argument("prompt")
     predict.add_argument("--top", type=int, default=5)
@@ -299,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--mask-token", help="mask token given as text, e.g. '<|endoftext|>'")
     predict.set_defaults(run=_predict)
 
-    plan = commands.add_parser("plan", help="parameter count and compiled memory, without weights")
+    plan = commands.add_parser("plan", parents=[common], help="parameter count and compiled memory, without weights")
     plan.add_argument("model", help=f"a preset ({', '.join(PRESETS)}), a saved model or a config.json")
     plan.add_argument("--batch", type=int, default=8)
     plan.add_argument("--seq-len", type=int, default=128)
@@ -310,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="a config.json field you know does not change the computation (repeatable)")
     plan.set_defaults(run=_plan)
 
-    find = commands.add_parser("find-circuit", help="attribute a task's edges, evaluate top-K circuits, save JSON")
+    find = commands.add_parser("find-circuit", parents=[common],
+                               help="attribute a task's edges, evaluate top-K circuits, save JSON")
     find.add_argument("model", help="directory written by `mdm-circuits convert`")
     find.add_argument("--task", default="ioi", choices=sorted(TASKS))
     find.add_argument("--n", type=_positive, default=32, help="number of clean/corrupted pairs")
@@ -327,7 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     find.add_argument("--out", default="out/circuit", help="directory for scores.json, curve.json, circuit.json")
     find.set_defaults(run=_find_circuit)
 
-    generate = commands.add_parser("generate", help="continue a prompt: greedy for an ARM, diffusion for an MDM")
+    generate = commands.add_parser("generate", parents=[common],
+                                   help="continue a prompt: greedy for an ARM, diffusion for an MDM")
     generate.add_argument("model", help="directory written by `mdm-circuits convert`")
     generate.add_argument("prompt")
     generate.add_argument("--new", type=_positive, default=16, help="tokens to generate (the MDM's mask canvas)")
@@ -337,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=0)
     generate.set_defaults(run=_generate)
 
-    pool = commands.add_parser("pool", help="the common-correct pool of an ARM/MDM pair for a task")
+    pool = commands.add_parser("pool", parents=[common], help="the common-correct pool of an ARM/MDM pair for a task")
     pool.add_argument("arm", help="the ARM's directory (its tokenizer is used)")
     pool.add_argument("mdm", help="the MDM's directory")
     pool.add_argument("--task", default="ioi", choices=sorted(TASKS))
@@ -351,11 +382,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     organisms_parser = commands.add_parser("organisms", help="the shipped ARM/MDM pair trained by this project")
     organism_commands = organisms_parser.add_subparsers(dest="organisms_command", required=True)
-    train = organism_commands.add_parser("train", help="train the pair and its adaptation trajectory from scratch")
+    train = organism_commands.add_parser("train", parents=[common],
+                                         help="train the pair and its adaptation trajectory from scratch")
     train.add_argument("out", help="directory for arm/, mdm/, trajectory/ and organisms.json (resumes a build there)")
     train.add_argument("--quick", action="store_true", help="a seconds-long smoke test of the pipeline (tiny model)")
     train.set_defaults(run=_organisms_train)
-    show = organism_commands.add_parser("show", help="the accuracy table of a built pair (default: the shipped one)")
+    show = organism_commands.add_parser("show", parents=[common],
+                                        help="the accuracy table of a built pair (default: the shipped one)")
     show.add_argument("directory", nargs="?", help="a directory written by `organisms train`")
     show.set_defaults(run=_organisms_show)
     return parser
@@ -363,12 +396,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    _use_compilation_cache(args.compilation_cache)
     try:
         args.run(args)
-    except (ConversionError, CheckpointError, ConfigError, BatchError, AttributionError, CircuitError,
-            GraphError, TrainingError) as error:
+    except Error as error:
+        if args.debug:
+            raise
         print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from error
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

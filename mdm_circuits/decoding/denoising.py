@@ -15,8 +15,9 @@ from typing import Literal, Sequence
 import jax
 import numpy as np
 
+from mdm_circuits.errors import BatchError
 from mdm_circuits.model.transformer import Transformer
-from mdm_circuits.tasks.batch import BatchError, Example, collate
+from mdm_circuits.tasks.batch import Example, collate
 
 Order = Literal["left_to_right", "confidence", "random"]
 

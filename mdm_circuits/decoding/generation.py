@@ -22,23 +22,29 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Int
 
+from mdm_circuits.errors import DecodingError
 from mdm_circuits.model.transformer import Transformer
 
 Unmasking = Literal["confidence", "margin", "entropy", "random"]
 
 
-@functools.partial(jax.jit, static_argnames=("n_new",))
 def greedy(model: Transformer, tokens: Int[Array, " T"], length: Int[Array, ""], n_new: int) -> Int[Array, " T"]:
     """Continue the prompt `tokens[:length]` greedily for `n_new` tokens, written from position `length` on.
 
     `tokens` must have room (length + n_new ≤ T). A causal model never reads the positions after the one it
-    predicts, so the rest of the buffer may hold anything."""
-    if model.config.attention != "causal":
-        raise ValueError("greedy decoding reads one position at a time; it needs a causal model (use diffuse)")
+    predicts, so the rest of the buffer may hold anything. (Inside a traced program the model's attention
+    cannot be checked: give it a causal model.)"""
+    config = model.known_config()
+    if config is not None and config.attention != "causal":
+        raise DecodingError("greedy decoding reads one position at a time; it needs a causal model (use diffuse)")
+    return _greedy(model, tokens, length, n_new)
 
+
+@functools.partial(jax.jit, static_argnames=("n_new",))
+def _greedy(model, tokens, length, n_new):
     def step(i, buffer):
         position = length + i
-        logits = model.logits_at(buffer, model.config.read_position(position)[None])[0]
+        logits = model.logits_at(buffer, model.read_position(position)[None])[0]
         return buffer.at[position].set(jnp.argmax(logits).astype(buffer.dtype))
 
     return jax.lax.fori_loop(0, n_new, step, tokens)
@@ -55,10 +61,9 @@ def _scores(logits, candidates, probabilities, unmasking: Unmasking, key):
             return jnp.sum(probabilities * jnp.log(jnp.clip(probabilities, 1e-30)), axis=-1)
         case "random":
             return jax.random.uniform(key, candidates.shape)
-    raise ValueError(f"unknown unmasking {unmasking!r}; use confidence, margin, entropy or random")
+    raise DecodingError(f"unknown unmasking {unmasking!r}; use confidence, margin, entropy or random")
 
 
-@functools.partial(jax.jit, static_argnames=("steps", "unmasking"))
 def diffuse(
     model: Transformer,
     tokens: Int[Array, " T"],
@@ -71,15 +76,23 @@ def diffuse(
     temperature: float | Array = 0.0,
 ) -> Int[Array, " T"]:
     """Fill the positions `at` (which hold the mask token; repeats allowed) in `steps` steps (see the module
-    doc); only their logits are computed."""
-    config = model.config
-    if config.mask_token_id is None:
-        raise ValueError("diffusion decoding needs a model with a mask token (an MDM)")
-    mask_id = config.mask_token_id
+    doc); only their logits are computed. (Inside a traced program the mask token cannot be checked: give
+    it an MDM.)"""
+    config = model.known_config()
+    if config is not None and config.mask_token_id is None:
+        raise DecodingError("diffusion decoding needs a model with a mask token (an MDM)")
+    if unmasking not in ("confidence", "margin", "entropy", "random"):
+        raise DecodingError(f"unknown unmasking {unmasking!r}; use confidence, margin, entropy or random")
+    return _diffuse(model, tokens, valid, key, at, steps=steps, unmasking=unmasking, temperature=temperature)
+
+
+@functools.partial(jax.jit, static_argnames=("steps", "unmasking"))
+def _diffuse(model, tokens, valid, key, at, *, steps, unmasking, temperature):
+    mask_id = model.conventions.mask_token[...].astype(tokens.dtype)
     first_copy = jnp.argmax(at[None, :] == at[:, None], axis=1)  # for each entry, its position's first entry
     first = jnp.arange(at.shape[0]) == first_copy
     masked_at_start = jnp.sum(first & (tokens[at] == mask_id))
-    read = jnp.clip(config.read_position(at), 0, tokens.shape[0] - 1)
+    read = jnp.clip(model.read_position(at), 0, tokens.shape[0] - 1)
 
     def step(s, state):
         buffer, key = state

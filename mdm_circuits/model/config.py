@@ -2,6 +2,11 @@
 
 Architecture differences between Qwen2, Llama and LLaDA live in these fields (and in the conversion
 name tables), never in `if family == ...` branches inside the layers.
+
+A `ModelConfig` is an `Architecture` (shapes and the constants of the computation, which compiled programs
+specialise on) plus three conventions (attention, logit shift, mask token), which travel into compiled
+programs as data: an ARM and the MDM post-trained from it, and every checkpoint along the way, share one
+`Architecture` and therefore one compiled program.
 """
 
 from __future__ import annotations
@@ -9,16 +14,16 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal, get_args
 
+from mdm_circuits.errors import ConfigError
+
 AttentionKind = Literal["causal", "bidirectional"]
 
-
-class ConfigError(ValueError):
-    """A model configuration that is inconsistent or has fields this library does not know."""
+__all__ = ["Architecture", "AttentionKind", "ConfigError", "ModelConfig"]
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """Shape and conventions of a pre-norm decoder with RMSNorm, RoPE, grouped-query attention and SwiGLU.
+class Architecture:
+    """Shape and constants of a pre-norm decoder with RMSNorm, RoPE, grouped-query attention and SwiGLU.
 
     Attributes:
       vocab_size: rows of the embedding table (and width of the logits).
@@ -35,10 +40,6 @@ class ModelConfig:
       norm_eps: epsilon inside the RMSNorm square root.
       qkv_bias: whether the query, key and value projections have biases (Qwen2, Dream).
       tie_embeddings: whether the unembedding is the transposed embedding table.
-      attention: `causal` for an autoregressive model, `bidirectional` for a masked diffusion model.
-      logit_shift: True when the output at position i predicts the token at i + 1 (ARMs, and MDMs
-        post-trained from them such as Dream and DiffuLLaMA); False when it predicts the token at i (LLaDA).
-      mask_token_id: the token an MDM reads as "masked"; None for a model that has none (an ARM).
     """
 
     vocab_size: int
@@ -53,11 +54,13 @@ class ModelConfig:
     norm_eps: float = 1e-6
     qkv_bias: bool = False
     tie_embeddings: bool = False
-    attention: AttentionKind = "causal"
-    logit_shift: bool = True
-    mask_token_id: int | None = None
 
     def __post_init__(self) -> None:
+        problems = self._problems()
+        if problems:
+            raise ConfigError(f"invalid {type(self).__name__}: " + "; ".join(problems))
+
+    def _problems(self) -> list[str]:
         problems = []
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_mlp"):
             value = getattr(self, name)
@@ -67,36 +70,67 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 problems.append(f"{name} must be a positive number, got {value!r}")
-        for name in ("rope_in_float32", "qkv_bias", "tie_embeddings", "logit_shift"):
+        for name in ("rope_in_float32", "qkv_bias", "tie_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 problems.append(f"{name} must be a bool, got {getattr(self, name)!r}")
-        if self.attention not in get_args(AttentionKind):
-            problems.append(f"attention must be one of {get_args(AttentionKind)}, got {self.attention!r}")
         if not problems and self.n_heads % self.n_kv_heads:
             problems.append(
                 f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if not problems and self.head_dim % 2:
             problems.append(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
-        mask = self.mask_token_id
-        if mask is not None and not problems and (
-                isinstance(mask, bool) or not isinstance(mask, int) or not 0 <= mask < self.vocab_size):
-            problems.append(f"mask_token_id must be a token id in [0, vocab_size={self.vocab_size}), got {mask!r}")
-        if problems:
-            raise ConfigError("invalid ModelConfig: " + "; ".join(problems))
+        return problems
 
     @property
     def heads_per_kv(self) -> int:
         """Query heads sharing one key/value head (G in the axis glossary)."""
         return self.n_heads // self.n_kv_heads
 
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig(Architecture):
+    """An `Architecture` and the conventions a checkpoint is read with.
+
+    Attributes (besides the architecture's):
+      attention: `causal` for an autoregressive model, `bidirectional` for a masked diffusion model.
+      logit_shift: True when the output at position i predicts the token at i + 1 (ARMs, and MDMs
+        post-trained from them such as Dream and DiffuLLaMA); False when it predicts the token at i (LLaDA).
+      mask_token_id: the token an MDM reads as "masked"; None for a model that has none (an ARM).
+    """
+
+    attention: AttentionKind = "causal"
+    logit_shift: bool = True
+    mask_token_id: int | None = None
+
+    def _problems(self) -> list[str]:
+        problems = super()._problems()
+        if not isinstance(self.logit_shift, bool):
+            problems.append(f"logit_shift must be a bool, got {self.logit_shift!r}")
+        if self.attention not in get_args(AttentionKind):
+            problems.append(f"attention must be one of {get_args(AttentionKind)}, got {self.attention!r}")
+        mask = self.mask_token_id
+        if mask is not None and not problems and (
+                isinstance(mask, bool) or not isinstance(mask, int) or not 0 <= mask < self.vocab_size):
+            problems.append(f"mask_token_id must be a token id in [0, vocab_size={self.vocab_size}), got {mask!r}")
+        return problems
+
+    @property
+    def architecture(self) -> Architecture:
+        """The static part: what a compiled program specialises on."""
+        return Architecture(**{field.name: getattr(self, field.name) for field in dataclasses.fields(Architecture)})
+
     @property
     def is_mdm(self) -> bool:
         """A masked diffusion model is one that has a mask token to read."""
         return self.mask_token_id is not None
 
-    def read_position(self, position: int) -> int:
-        """The output position whose logits predict the token at `position`."""
-        return position - 1 if self.logit_shift else position
+    @property
+    def read_offset(self) -> int:
+        """How many positions before an answer token its logits are read (1 with the logit shift, else 0)."""
+        return 1 if self.logit_shift else 0
+
+    def read_position(self, position):
+        """The output position whose logits predict the token at `position` (an int or an array)."""
+        return position - self.read_offset
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)

@@ -5,6 +5,8 @@ Axis letters, used in names, shape annotations and einsums throughout the librar
   G query heads per key/value head (H = K * G), E head dim, F MLP width, V vocabulary, L layers.
 
 Query head h reads key/value head h // G, as Hugging Face's `repeat_kv` does.
+
+`Block.step` is the one block step every forward runs, plain or intervened (see `sites`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
-from mdm_circuits.model.config import ModelConfig
+from mdm_circuits.model.config import Architecture
+from mdm_circuits.model.sites import Capture, LayerEdit, LayerTrace, blend
 
 weight_init = nnx.initializers.normal(stddev=0.02)
 
@@ -31,6 +34,11 @@ class RMSNorm(nnx.Module):
     def __init__(self, dim: int, eps: float, *, dtype: jnp.dtype):
         self.scale = nnx.Param(jnp.ones((dim,), dtype))
         self.eps = eps
+
+    def rms(self, x: Float[Array, "... D"]) -> Float[Array, "..."]:
+        """r = √(mean(x²) + ε), in (at least) float32: the norm's output is scale · x / r."""
+        wide = x.astype(accumulation_dtype(x.dtype))
+        return jnp.sqrt(jnp.mean(jnp.square(wide), axis=-1) + self.eps)
 
     def __call__(self, x: Float[Array, "T D"]) -> Float[Array, "T D"]:
         wide = x.astype(accumulation_dtype(x.dtype))
@@ -71,7 +79,7 @@ class Attention(nnx.Module):
     and keys/values stay grouped (K heads, never repeated to H) in the computation.
     """
 
-    def __init__(self, config: ModelConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+    def __init__(self, config: Architecture, *, dtype: jnp.dtype, rngs: nnx.Rngs):
         d, h, k, e = config.d_model, config.n_heads, config.n_kv_heads, config.head_dim
         self.w_q = nnx.Param(weight_init(rngs.params(), (d, h, e), dtype))
         self.w_k = nnx.Param(weight_init(rngs.params(), (d, k, e), dtype))
@@ -168,34 +176,106 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     """SwiGLU: w_down(silu(x w_gate) * x w_up)."""
 
-    def __init__(self, config: ModelConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+    def __init__(self, config: Architecture, *, dtype: jnp.dtype, rngs: nnx.Rngs):
         d, f = config.d_model, config.d_mlp
         self.w_gate = nnx.Param(weight_init(rngs.params(), (d, f), dtype))
         self.w_up = nnx.Param(weight_init(rngs.params(), (d, f), dtype))
         self.w_down = nnx.Param(weight_init(rngs.params(), (f, d), dtype))
 
+    def hidden(self, x: Float[Array, "T D"]) -> Float[Array, "T F"]:
+        """The neurons' activations, silu(x W_gate) · x W_up."""
+        return jax.nn.silu(x @ self.w_gate[...]) * (x @ self.w_up[...])
+
     def __call__(self, x: Float[Array, "T D"]) -> Float[Array, "T D"]:
-        hidden = jax.nn.silu(x @ self.w_gate[...]) * (x @ self.w_up[...])
-        return hidden @ self.w_down[...]
+        return self.hidden(x) @ self.w_down[...]
 
 
 class Block(nnx.Module):
-    """Pre-norm decoder block: x + attn(norm(x)), then + mlp(norm(x))."""
+    """Pre-norm decoder block: x + attn(norm(x)), then + mlp(norm(x)).
 
-    def __init__(self, config: ModelConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+    In a `Transformer` the blocks are stored once, stacked: every parameter has a leading layer axis, and
+    the forward scans `step` over it."""
+
+    def __init__(self, config: Architecture, *, dtype: jnp.dtype, rngs: nnx.Rngs):
         self.attn_norm = RMSNorm(config.d_model, config.norm_eps, dtype=dtype)
         self.attn = Attention(config, dtype=dtype, rngs=rngs)
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps, dtype=dtype)
         self.mlp = MLP(config, dtype=dtype, rngs=rngs)
 
-    def trace(
-        self, x: Float[Array, "T D"], *, mask, rope
-    ) -> tuple[Float[Array, "T D"], Float[Array, "T H E"], Float[Array, "T D"]]:
-        """The block's output, with its heads' z and its MLP's output along the way."""
-        z = self.attn.heads(self.attn_norm(x), mask=mask, rope=rope)
-        x = x + self.attn.output(z)
-        mlp_out = self.mlp(self.mlp_norm(x))
-        return x + mlp_out, z, mlp_out
+    def step(
+        self,
+        residual: Float[Array, "T D"],
+        differences: Float[Array, "T D N"] | None,
+        edit: LayerEdit,
+        *,
+        mask: Bool[Array, "T S"],
+        rope: tuple[Float[Array, "T E/2"], Float[Array, "T E/2"]],
+        capture: Capture,
+    ) -> tuple[Float[Array, "T D"], Float[Array, "T D N"] | None, LayerTrace]:
+        """One block, with `edit` applied at its sites (see `sites`): the residual stream after the block,
+        with edge reading every node's output so far minus its ablation value (else None), and what
+        `capture` keeps."""
+        h = self.attn.w_q.shape[1]
+        if edit.resid_keep is not None:
+            residual = blend(residual, edit.resid_keep, edit.resid_value)
+        attention_input, qkv = residual, None
+        if edit.reads_edges:
+            inputs = read_edges(edit.read_weight[:, : 3 * h], edit.read_base[0], differences)
+            normed = jax.vmap(jax.vmap(self.attn_norm))(inputs.reshape(3, h, *inputs.shape[1:]))
+            q, k, v = self.attn.project_per_head(*normed)
+        else:
+            q, k, v = self.attn.project(self.attn_norm(residual))
+            if edit.qkv_probe is not None or capture.qkv:  # per query head, where probes sit
+                k, v = self.attn.expand_kv(k), self.attn.expand_kv(v)
+                qkv = jnp.stack([q, k, v])
+                if edit.qkv_probe is not None:
+                    q, k, v = (x + probe.astype(x.dtype) for x, probe in zip((q, k, v), edit.qkv_probe))
+        z = self.attn.attend(q, k, v, mask=mask, rope=rope)
+        per_head = capture.head_out or edit.node_keep is not None or edit.reads_edges
+        head_out = None
+        if per_head:
+            head_out = self.attn.head_outputs(z).swapaxes(0, 1)                                   # [H, T, D]
+            if edit.node_keep is not None:
+                head_out = blend(head_out, edit.node_keep[:h], edit.node_value[:h])
+            residual = residual + head_out.sum(0)
+        else:  # nobody reads the heads one by one: project them all at once
+            residual = residual + self.attn.output(z)
+        if edit.reads_edges:
+            differences = _write_nodes(differences, head_out - edit.read_ablation[:h].astype(head_out.dtype),
+                                       edit.first_source)
+            mlp_in = read_edges(edit.read_weight[:, 3 * h:], edit.read_base[1], differences)[0]
+        elif edit.mlp_probe is not None:
+            mlp_in = residual + edit.mlp_probe.astype(residual.dtype)
+        else:
+            mlp_in = residual
+        hidden = self.mlp.hidden(self.mlp_norm(mlp_in))
+        mlp_out = hidden @ self.mlp.w_down[...]
+        if edit.node_keep is not None:
+            mlp_out = blend(mlp_out, edit.node_keep[h], edit.node_value[h])
+        if edit.reads_edges:
+            differences = _write_nodes(differences, (mlp_out - edit.read_ablation[h].astype(mlp_out.dtype))[None],
+                                       edit.first_source + h)
+        kept = LayerTrace(
+            residual=attention_input if capture.residual else None,
+            head_z=z if capture.head_z else None,
+            head_out=head_out if capture.head_out else None,
+            mlp_out=mlp_out if capture.mlp_out else None,
+            qkv=qkv if capture.qkv else None,
+            mlp_hidden=hidden if capture.mlp_hidden else None,
+        )
+        return residual + mlp_out, differences, kept
 
-    def __call__(self, x: Float[Array, "T D"], *, mask, rope) -> Float[Array, "T D"]:
-        return self.trace(x, mask=mask, rope=rope)[0]
+
+def read_edges(weight: Float[Array, "N C"], base: Float[Array, "T D"], differences: Float[Array, "T D N"]
+               ) -> Float[Array, "C T D"]:
+    """The inputs of C destinations under edge weights, Σ_u w_u·out_u + (1 − w_u)·ablation_u over their upstream
+    nodes u: `base` (Σ_u ablation_u) plus Σ_u w_u·(out_u − ablation_u). Nodes not yet computed have zero
+    differences, and no edge weighs anything off the graph's edges. The differences keep the node axis last,
+    where the product contracts it without transposing them (they are the largest array of the step)."""
+    read = jnp.einsum("tdu,uc->tdc", differences, weight.astype(differences.dtype))
+    return base.astype(differences.dtype)[None] + jnp.moveaxis(read, -1, 0)
+
+
+def _write_nodes(differences: Float[Array, "T D N"], rows: Float[Array, "R T D"], first: Int[Array, ""]
+                 ) -> Float[Array, "T D N"]:
+    return jax.lax.dynamic_update_slice_in_dim(differences, jnp.moveaxis(rows, 0, -1), first, axis=2)

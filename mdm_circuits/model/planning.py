@@ -11,8 +11,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mdm_circuits.errors import PlanningError
 from mdm_circuits.model.config import ModelConfig
-from mdm_circuits.model.transformer import abstract_model, forward, forward_from_embeddings
+from mdm_circuits.model.transformer import abstract_model, forward, forward_from_embeddings, parameters
 
 Mode = Literal["forward", "gradient"]
 
@@ -58,12 +59,12 @@ def plan(
     elif mode == "gradient":
         program = _logits_gradient
     else:
-        raise ValueError(f"mode must be 'forward' or 'gradient', got {mode!r}")
+        raise PlanningError(f"mode must be 'forward' or 'gradient', got {mode!r}")
     start = time.perf_counter()
     compiled = jax.jit(program, static_argnums=0).lower(graphdef, state, tokens).compile()
     seconds = time.perf_counter() - start
     memory = compiled.memory_analysis()
-    leaves = jax.tree.leaves(state)
+    leaves = jax.tree.leaves(parameters(abstract_model(config, dtype)))
     return MemoryPlan(
         n_parameters=sum(leaf.size for leaf in leaves),
         parameter_bytes=sum(leaf.size * jnp.dtype(leaf.dtype).itemsize for leaf in leaves),

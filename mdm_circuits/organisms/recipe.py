@@ -22,6 +22,7 @@ import tokenizers
 from flax import nnx
 
 from mdm_circuits.decoding.accuracy import solved
+from mdm_circuits.errors import TrainingError
 from mdm_circuits.model import checkpoint
 from mdm_circuits.model.config import ModelConfig
 from mdm_circuits.model.transformer import Transformer, with_config
@@ -32,7 +33,6 @@ from mdm_circuits.tasks.views import View
 from mdm_circuits.training import (
     Corpus,
     TrainConfig,
-    TrainingError,
     masked_diffusion_loss,
     restore_params,
     sample_masks,

@@ -20,11 +20,9 @@ import numpy as np
 from flax import struct
 from jaxtyping import Array, Bool, Int
 
+from mdm_circuits.errors import BatchError
 from mdm_circuits.model.config import ModelConfig
-
-
-class BatchError(ValueError):
-    """Examples that cannot be compared or scored as given."""
+from mdm_circuits.model.transformer import Transformer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,9 +77,10 @@ class Batch:
     def __iter__(self):
         return (self[i] for i in range(self.size))
 
-    def read_positions(self, config: ModelConfig) -> Int[Array, "B A"]:
-        """Where the logits predicting each answer token are read (padded slots read position 0)."""
-        return jnp.where(self.answer_mask, config.read_position(self.answer_positions), 0)
+    def read_positions(self, model: ModelConfig | Transformer) -> Int[Array, "B A"]:
+        """Where the logits predicting each answer token are read (padded slots read position 0). `model` is a
+        configuration or a model (whose readout offset may be traced data)."""
+        return jnp.where(self.answer_mask, model.read_position(self.answer_positions), 0)
 
     def check(self, config: ModelConfig) -> None:
         """Raise if any example's answer is read outside its own tokens or a token is outside the vocabulary."""
@@ -146,3 +145,21 @@ def collate(examples: Sequence[Example], pad_id: int = 0) -> Batch:
         answer_mask=jnp.asarray(mask([len(e.answer_positions) for e in examples], n_answers)),
         correct=correct, correct_mask=correct_mask, incorrect=incorrect, incorrect_mask=incorrect_mask,
     )
+
+
+def stack_batches(batches: Sequence[Batch]) -> Batch:
+    """Batches of equally many examples on a leading model axis (`[M, B, ...]`), each padded to the longest
+    sequence, answer and candidate list: one batch per model of a stack, e.g. the same questions posed to an
+    ARM in its view and to an MDM in its own. Padding is never read: padded positions are invalid, padded
+    answers and candidates masked out."""
+    sizes = {batch.size for batch in batches}
+    if len(sizes) != 1:
+        raise BatchError(f"the batches of a stack must hold equally many examples, got {sorted(sizes)}; pose the "
+                         "same questions to every model")
+
+    def stacked(*arrays: Array) -> Array:
+        shape = np.max([array.shape for array in arrays], axis=0)
+        return jnp.stack([jnp.pad(array, [(0, want - have) for have, want in zip(array.shape, shape)])
+                          for array in arrays])
+
+    return jax.tree.map(stacked, *batches)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from mdm_circuits.tasks.batch import BatchError, Example
+from mdm_circuits.errors import BatchError
+from mdm_circuits.tasks.batch import Example
 
 
 def draw(n: int, attempt: Callable[[int], Example | None], *, what: str, max_length: int | None,

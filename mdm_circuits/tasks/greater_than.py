@@ -18,7 +18,8 @@ import random
 
 import tokenizers
 
-from mdm_circuits.tasks.batch import BatchError, Example
+from mdm_circuits.errors import BatchError
+from mdm_circuits.tasks.batch import Example
 from mdm_circuits.tasks.drawing import draw
 from mdm_circuits.tasks.metrics import probability_difference
 from mdm_circuits.tasks.text import continuation, prompt

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import tokenizers
 
-from mdm_circuits.tasks.batch import BatchError, Example
+from mdm_circuits.errors import BatchError
+from mdm_circuits.tasks.batch import Example
 from mdm_circuits.tasks.metrics import METRICS
 from mdm_circuits.tasks.text import continuation, prompt
 from mdm_circuits.tasks.views import View

@@ -13,8 +13,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
+from mdm_circuits.errors import BatchError
 from mdm_circuits.model.config import ModelConfig
-from mdm_circuits.tasks.batch import BatchError
 
 
 @dataclasses.dataclass(frozen=True)

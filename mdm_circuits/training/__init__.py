@@ -31,13 +31,11 @@ import orbax.checkpoint as ocp
 from flax import nnx, struct
 from jaxtyping import Array, Bool, Float, Int
 
-from mdm_circuits.model.transformer import Transformer
+from mdm_circuits.errors import TrainingError
+from mdm_circuits.model.transformer import Convention, Transformer
 
 Objective = Literal["causal", "masked_diffusion"]
 
-
-class TrainingError(ValueError):
-    """A training run that cannot start or resume as asked."""
 
 
 @struct.dataclass
@@ -115,8 +113,9 @@ def _cross_entropy(logits: Float[Array, "... V"], targets: Int[Array, "..."]) ->
 
 def _batched_logits(model: Transformer, tokens: Int[Array, "B T"], valid: Bool[Array, "B T"],
                     patterns: Bool[Array, "B T T"] | None = None) -> Float[Array, "B T V"]:
-    """The model's logits for each row (under each row's attention pattern when `patterns` is given)."""
-    return jax.vmap(lambda row, row_valid, pattern: model(row, valid=row_valid, pattern=pattern))(
+    """The model's logits for each row (under each row's attention pattern when `patterns` is given). The
+    layers are unrolled: the small models trained here train ~15% faster so on a CPU than through a scan."""
+    return jax.vmap(lambda row, row_valid, pattern: model(row, valid=row_valid, pattern=pattern, unroll=True))(
         tokens, valid, patterns)
 
 
@@ -146,18 +145,23 @@ def annealed_pattern(key: Array, length: int, ratio: Float[Array, ""] | float) -
 def masked_diffusion_loss(model: Transformer, batch: Corpus, masked: Bool[Array, "B T"], t: Float[Array, " B"],
                           patterns: Bool[Array, "B T T"] | None = None) -> Float[Array, ""]:
     """Σ over masked tokens of CE / t, divided by the number of masked tokens (see the module doc)."""
-    config = model.config
-    if config.mask_token_id is None:
-        raise TrainingError("the masked diffusion objective needs a model with a mask token (an MDM config)")
+    _check_mask_token(model)
     length = batch.tokens.shape[1]
     # The first position has no output before it to be read from under the logit shift.
-    masked = masked & batch.valid & (jnp.arange(length) >= (1 if config.logit_shift else 0))[None, :]
-    inputs = jnp.where(masked, config.mask_token_id, batch.tokens)
+    read = model.read_position(jnp.arange(length))
+    masked = masked & batch.valid & (read >= 0)[None, :]
+    inputs = jnp.where(masked, model.conventions.mask_token[...].astype(batch.tokens.dtype), batch.tokens)
     logits = _batched_logits(model, inputs, batch.valid, patterns)
-    read = jnp.clip(config.read_position(jnp.arange(length)), 0, length - 1)
+    read = jnp.clip(read, 0, length - 1)
     losses = _cross_entropy(logits[:, read], batch.tokens)
     weighted = jnp.where(masked, losses / t[:, None], 0.0)
     return jnp.sum(weighted) / jnp.maximum(jnp.sum(masked, dtype=jnp.float32), 1.0)
+
+
+def _check_mask_token(model: Transformer) -> None:
+    config = model.known_config()  # inside a traced program the check is made before (by `train`)
+    if config is not None and config.mask_token_id is None:
+        raise TrainingError("the masked diffusion objective needs a model with a mask token (an MDM config)")
 
 
 def _loss(model: Transformer, batch: Corpus, key: Array, step: Array, config: TrainConfig) -> Float[Array, ""]:
@@ -200,13 +204,13 @@ def _restore(manager: ocp.CheckpointManager, step: int, **templates):
 
 def restore_params(directory: str | Path, model: Transformer, step: int) -> Transformer:
     """`model` (any model of the run's shapes and config) with the parameters saved at `step`."""
-    graphdef, state = nnx.split(model)
+    graphdef, params, conventions = nnx.split(model, nnx.Param, Convention)
     with _manager(directory, None) as manager:
         if step not in manager.all_steps():
             raise TrainingError(f"{directory} has no checkpoint of step {step}; it has {sorted(manager.all_steps())}")
-        restored = _restore(manager, step, params=nnx.to_pure_dict(state))
-    nnx.replace_by_pure_dict(state, restored["params"])
-    return nnx.merge(graphdef, state)
+        restored = _restore(manager, step, params=nnx.to_pure_dict(params))
+    nnx.replace_by_pure_dict(params, restored["params"])
+    return nnx.merge(graphdef, params, conventions)
 
 
 def train(
@@ -231,15 +235,20 @@ def train(
       progress: receives one line per report.
     Returns the trained model.
     """
-    graphdef, params = nnx.split(model)
+    if config.objective == "masked_diffusion":
+        _check_mask_token(model)
+    # Only the parameters train; the conventions (attention, readout, mask token) ride along as constants.
+    graphdef, params, conventions = nnx.split(model, nnx.Param, Convention)
     optimizer = config.optimizer()
     opt_state = optimizer.init(params)
     key = jax.random.key(config.seed)
 
     @jax.jit
     def step_fn(params, opt_state, batch, step):
-        loss, grads = jax.value_and_grad(
-            lambda p: _loss(nnx.merge(graphdef, p), batch, jax.random.fold_in(key, step), step, config))(params)
+        def loss_of(params):
+            return _loss(nnx.merge(graphdef, params, conventions), batch, jax.random.fold_in(key, step), step, config)
+
+        loss, grads = jax.value_and_grad(loss_of)(params)
         with jax.numpy_dtype_promotion("standard"):  # optax mixes Python floats with int32 step counts
             updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
@@ -274,9 +283,9 @@ def train(
                 line = (f"step {done}/{config.steps}  loss {float(np.mean(jax.device_get(losses))):.4f}  "
                         f"{time.perf_counter() - began:.0f} s")
                 if evaluate is not None:
-                    scores = evaluate(nnx.merge(graphdef, params))
+                    scores = evaluate(nnx.merge(graphdef, params, conventions))
                     line += "  " + "  ".join(f"{name} {value:.2f}" for name, value in scores.items())
                 progress(line)
                 losses = []
         manager.wait_until_finished()
-    return nnx.merge(graphdef, params)
+    return nnx.merge(graphdef, params, conventions)
