@@ -238,16 +238,22 @@ class Graph:
         return _frozen(np.arange(self.n_sources)[:, None] < self.upstream[None, :])
 
     @functools.cached_property
+    def column_owners(self) -> np.ndarray:
+        """int[n_destinations]: the source node each destination column belongs to (a head's q, k and v
+        inputs, an MLP's input); −1 for the logits."""
+        owners = np.empty(self.n_destinations, dtype=np.int64)
+        per_layer, _ = self.layer_columns(owners)
+        rows = 1 + np.arange(self.n_layers)[:, None] * (self.n_heads + 1)
+        per_layer[:, :-1] = np.tile(rows + np.arange(self.n_heads)[None, :], 3)
+        per_layer[:, -1] = rows[:, 0] + self.n_heads
+        owners[-1] = -1
+        return _frozen(owners)
+
+    @functools.cached_property
     def own_destinations(self) -> np.ndarray:
         """bool[n_sources, n_destinations]: the destination columns that belong to each source node (a head's
         q, k and v inputs, an MLP's input); the input node has none."""
-        owner = np.empty(self.n_destinations, dtype=np.int64)
-        heads, mlps = self.layer_columns(owner)[0][:, :-1], self.layer_columns(owner)[0][:, -1]
-        rows = 1 + np.arange(self.n_layers)[:, None] * (self.n_heads + 1)
-        heads[...] = np.tile(rows + np.arange(self.n_heads)[None, :], 3)
-        mlps[...] = rows[:, 0] + self.n_heads
-        owner[-1] = -1  # the logits own no source
-        return _frozen(np.arange(self.n_sources)[:, None] == owner[None, :])
+        return _frozen(np.arange(self.n_sources)[:, None] == self.column_owners[None, :])
 
     @functools.cached_property
     def edges(self) -> tuple[Edge, ...]:
@@ -280,6 +286,10 @@ class Graph:
 
     def to_json(self, path: str | Path, scores: np.ndarray, circuit: np.ndarray | None = None) -> None:
         """Write scores (and a circuit, else no edge is in it) in the reference's `Graph.to_json` format."""
+        Path(path).write_text(self.json(scores, circuit))
+
+    def json(self, scores: np.ndarray, circuit: np.ndarray | None = None) -> str:
+        """Scores (and a circuit) as the text of the reference's `Graph.to_json` format."""
         if self.d_model is None:
             raise GraphError("the reference's JSON format records d_model; build the graph with Graph.for_model")
         scores = self.edge_vector(scores)
@@ -292,7 +302,7 @@ class Graph:
             "edges": {name: {"score": float(score), "in_graph": bool(kept)}
                       for name, score, kept in zip(self.edge_names, scores.tolist(), in_graph.tolist())},
         }
-        Path(path).write_text(json.dumps(document))
+        return json.dumps(document)
 
     def from_json(self, path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         """Read (scores, circuit) matrices from a reference-format JSON file written for this graph."""

@@ -31,6 +31,7 @@ from mdm_circuits.circuits.runs import (
     read_logits,
 )
 from mdm_circuits.circuits.scores import Scores
+from mdm_circuits.errors import CircuitError
 from mdm_circuits.model.transformer import ModelStack, Transformer
 from mdm_circuits.tasks.batch import Batch
 from mdm_circuits.tasks.metrics import Metric
@@ -47,11 +48,12 @@ def _effects(model, metric, batch, weights, clean_logits, clean_metric, one_patc
     return (losses - clean_loss[None]) @ weights.astype(losses.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("effects", "model_axis", "metric"))
-def _effects_batch(models, batch, weights, partners, ablation, patch_chunks, *, effects, model_axis, metric):
+@functools.partial(jax.jit, static_argnames=("effects", "model_axis", "patches_axis", "metric"))
+def _effects_batch(models, batch, weights, partners, ablation, patch_chunks, *, effects, model_axis, metric,
+                   patches_axis=None):
     """One of the per-model effect programs below, for every model (vmapped over a stack's model axis); every
-    model takes the same patches."""
-    return for_every_model(functools.partial(effects, metric=metric), model_axis, (0, None, 0, 0, None))(
+    model takes the same patches, or (`patches_axis` 0) its own."""
+    return for_every_model(functools.partial(effects, metric=metric), model_axis, (0, None, 0, 0, patches_axis))(
         models, batch, weights, partners, ablation, patch_chunks)
 
 
@@ -161,3 +163,62 @@ def patch_nodes(models: Transformer | ModelStack, batch: Batch | Sequence[Batch]
         results.append(NodeEffects(nodes, values if per_position else values[:, 0], per_position,
                                    float(totals.clean_metric[index])))
     return chosen.results(results)
+
+
+@dataclasses.dataclass(frozen=True)
+class SetEffects:
+    """The mean metric with each set of nodes ablated together (`metric[i]` for `sets[i]`), and the clean and
+    corrupted runs' mean metrics, which normalise it: `retained` is (M(set) − M(corrupted)) / (M(clean) −
+    M(corrupted)), 1 where ablating the set costs nothing, 0 where it costs as much as the corruption."""
+
+    sets: np.ndarray
+    metric: np.ndarray
+    clean_metric: float
+    corrupted_metric: float
+
+    @property
+    def retained(self) -> np.ndarray:
+        return (self.metric - self.corrupted_metric) / (self.clean_metric - self.corrupted_metric)
+
+
+def _set_effects(model, batch, weights, partners, ablation, set_chunks, *, metric):
+    """Σ_examples weight · metric with every node of each set of `set_chunks[n, c, N]` ablated at every position."""
+    _, ablated, clean_logits, clean_metric, corrupted_metric = plain_runs(model, metric, batch, ablation, partners)
+
+    def one_set(chosen):
+        keep = jnp.broadcast_to(jnp.where(chosen, 0.0, 1.0)[:, None], ablated.shape[1:3])
+
+        def one_example(example, value, logits):
+            result = run(model, model.embed(example.clean), Interventions(nodes=NodePatch(keep, value)),
+                         valid=example.valid)
+            return metric(read_logits(model, result.final, example), example, logits)
+
+        return jax.vmap(one_example)(batch, ablated, clean_logits)
+
+    values = jax.lax.map(jax.vmap(one_set), set_chunks).reshape(-1, batch.size)
+    return values @ weights.astype(values.dtype), None, clean_metric, corrupted_metric
+
+
+def ablate_node_sets(models: Transformer | ModelStack, batch: Batch | Sequence[Batch], metric: Metric, sets, *,
+                     ablation: Ablation = Ablation("zero"), batch_size: int = 32, chunk: int = 8,
+                     progress: Progress | None = None) -> SetEffects | list[SetEffects]:
+    """Ablate each set of nodes together (zeroed by default) at every position, and measure the task metric.
+
+    `sets` is bool `[S, n_sources]` (one row per set, in source order), the same for every model of a stack
+    or a sequence with one such array per model (equally many sets). All sets run as one vmapped program."""
+    chosen = as_models(models)
+    graph = Graph.for_model(chosen.configs[0])
+    per_model = list(sets) if chosen.stacked and not isinstance(sets, np.ndarray) else [sets] * chosen.size
+    per_model = [np.atleast_2d(np.asarray(s, dtype=bool)) for s in per_model]
+    if len(per_model) != chosen.size or any(s.shape != (per_model[0].shape[0], graph.n_sources) for s in per_model):
+        raise CircuitError(f"node sets must be bool [S, {graph.n_sources}] (one row per set, in source order), the "
+                           f"same number for every model; got shapes {[s.shape for s in per_model]}")
+    batch = model_batches(chosen, batch)
+    ablation = fit_ablation(chosen, batch, ablation, batch_size)
+    chunks = chunked(np.stack(per_model), chunk, axis=1)
+    totals = over_batches(chosen, batch, batch_size, ablation, lambda part, weights, partners: _effects_batch(
+        chosen.tree, part, weights, partners, ablation, chunks, effects=_set_effects, model_axis=chosen.axis,
+        patches_axis=0, metric=metric), progress)
+    n = per_model[0].shape[0]
+    return chosen.results([SetEffects(per_model[index], totals.mean[index, :n], float(totals.clean_metric[index]),
+                                      float(totals.corrupted_metric[index])) for index in range(chosen.size)])

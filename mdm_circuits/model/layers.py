@@ -249,6 +249,8 @@ class Block(nnx.Module):
         else:
             mlp_in = residual
         hidden = self.mlp.hidden(self.mlp_norm(mlp_in))
+        if edit.hidden_probe is not None:
+            hidden = hidden + edit.hidden_probe.astype(hidden.dtype)
         mlp_out = hidden @ self.mlp.w_down[...]
         if edit.node_keep is not None:
             mlp_out = blend(mlp_out, edit.node_keep[h], edit.node_value[h])

@@ -6,8 +6,8 @@ over the stacked layers. What differs is data handed to the step:
   - the input node's output (the embeddings) and the residual stream entering each block, replaced per
     position: out' = keep · out + (1 − keep) · value;
   - each head's write (z·W_O) and the MLP's output, replaced the same way;
-  - zero probes added after the q/k/v projections (keys and values per query head), to the MLP's input and
-    to the logits' input, whose gradients are the attribution signal;
+  - zero probes added after the q/k/v projections (keys and values per query head), to the MLP's input, to
+    its hidden activations (neurons) and to the logits' input, whose gradients are the attribution signal;
   - per-edge reading: a destination v reads Σ_u [w_uv · out_u(this run) + (1 − w_uv) · ablation_u] over
     the nodes u upstream of it, so each head's q, k and v inputs are their own mixes, each through its own
     norm. The upstream nodes are a prefix of the node order, so this is the prefix sum of the ablation
@@ -41,6 +41,7 @@ class LayerEdit:
     node_keep, node_value: patch of the block's node outputs, rows = its H heads, then its MLP.
     qkv_probe: added to each head's query, key and value after the projection and bias, before RoPE.
     mlp_probe: added to the MLP's input.
+    hidden_probe: added to the MLP's hidden activations (its neurons), before the down projection.
     read_weight: edge weights into the block's destinations (columns: the heads' q, k and v inputs, then the
       MLP's) from every node (rows, graph order), zero off the edges.
     read_base: what the heads' inputs and the MLP's input read when every edge is ablated: the sums of the
@@ -55,6 +56,7 @@ class LayerEdit:
     node_value: Float[Array, "H+1 T D"] | None = None
     qkv_probe: Float[Array, "3 T H E"] | None = None
     mlp_probe: Float[Array, "T D"] | None = None
+    hidden_probe: Float[Array, "T F"] | None = None
     read_weight: Float[Array, "N 3H+1"] | None = None
     read_base: Float[Array, "2 T D"] | None = None
     read_ablation: Float[Array, "H+1 T D"] | None = None

@@ -189,6 +189,18 @@ class Transformer(nnx.Module):
             return jnp.einsum("td,vd->tv", normed, self.embedding[...], preferred_element_type=wide)
         return jnp.einsum("td,dv->tv", normed, self.unembedding[...], preferred_element_type=wide)
 
+    def direct_logits(self, writes: Float[Array, "C D"], residual: Float[Array, " D"]) -> Float[Array, "C V"]:
+        """What each of C writes to the residual stream contributes to the logits read at a position whose final
+        residual is `residual`: the final norm is linear once its statistic is fixed at that residual, so
+        the contributions of every write sum to the logits (the direct logit attribution, or logit lens of a
+        component)."""
+        wide = accumulation_dtype(writes.dtype)
+        scale = self.final_norm.scale[...].astype(wide) / self.final_norm.rms(residual)
+        normed = (writes.astype(wide) * scale[None, :]).astype(self.embedding.dtype)
+        if self.unembedding is None:
+            return jnp.einsum("cd,vd->cv", normed, self.embedding[...], preferred_element_type=wide)
+        return jnp.einsum("cd,dv->cv", normed, self.unembedding[...], preferred_element_type=wide)
+
     def from_embeddings(self, embeddings: Float[Array, "T D"], *, valid=None, positions=None, pattern=None,
                         unroll: int | bool = 1) -> Float[Array, "T V"]:
         return self.unembed(self.trace(embeddings, valid=valid, positions=positions, pattern=pattern,
