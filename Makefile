@@ -1,13 +1,11 @@
 # The two commands of the README. Each creates .venv and installs what it needs on a fresh clone.
-#   make demo   the main job
+#   make demo   the main job: the default ARM/MDM pair compared, a report in out/compare
 #   make test   the test suite (what CI runs, through .ci/run)
 
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --quiet --disable-pip-version-check
-IOI_PROMPT := When Mary and John went to the store, John gave a drink to
-SMOLLM2 := out/smollm2-135m-instruct
 
 .PHONY: demo test clean
 
@@ -23,10 +21,7 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	touch $@
 
 demo: $(VENV)/.installed
-	$(PY) -m mdm_circuits.cli convert smollm2-135m-instruct $(SMOLLM2)
-	$(PY) -m mdm_circuits.cli predict $(SMOLLM2) "$(IOI_PROMPT)"
-	$(PY) -m mdm_circuits.cli predict $(SMOLLM2) "$(IOI_PROMPT)" \
-		--attention bidirectional --mask-answer --mask-token "<|endoftext|>"
+	$(PY) -m mdm_circuits.cli compare --out out/compare
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q

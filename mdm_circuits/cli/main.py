@@ -1,5 +1,6 @@
-"""The `mdm-circuits` command line: convert checkpoints, query converted models, plan memory, generate,
-build common-correct pools, find circuits and train the shipped ARM/MDM pair."""
+"""The `mdm-circuits` command line: compare ARM and MDM circuits (the main job), convert checkpoints, query
+converted models, plan memory, generate, build common-correct pools, find circuits and train the shipped
+ARM/MDM pair."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from mdm_circuits import organisms
 from mdm_circuits.circuits.attribution import attribute
 from mdm_circuits.circuits.evaluation import faithfulness_curve, smallest_faithful
 from mdm_circuits.circuits.graph import Graph, NodeKind
+from mdm_circuits.cli import compare
 from mdm_circuits.decoding.accuracy import common_correct_pool
 from mdm_circuits.decoding.generation import diffuse, greedy
 from mdm_circuits.errors import Error, UsageError
@@ -379,6 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     pool.add_argument("--max-length", type=_positive)
     pool.add_argument("--out", default="out/pool.jsonl", help="JSONL of {arm, mdm} example pairs")
     pool.set_defaults(run=_pool)
+
+    compare.add_parser(commands, common, _positive)
 
     organisms_parser = commands.add_parser("organisms", help="the shipped ARM/MDM pair trained by this project")
     organism_commands = organisms_parser.add_subparsers(dest="organisms_command", required=True)

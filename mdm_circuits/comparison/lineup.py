@@ -1,0 +1,112 @@
+"""The models a comparison runs: the ARM, the MDM post-trained from it, and the controls.
+
+- The default pair (no `--arm`/`--mdm`) brings its adaptation trajectory: step 0 is the ARM's weights posed
+  as an MDM (the query-format control), then the checkpoints along the adaptation (the last is the MDM).
+- A given pair brings the ARM's weights posed as an MDM when both share an architecture.
+- `--control NAME=DIR` adds any model: a continued ARM, another seed, checkpoints. A model with a mask token
+  is posed the MDM view, any other the ARM view.
+
+A directory is a converted model (`mdm-circuits convert`) or a Hugging Face checkpoint, converted on the fly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import tokenizers
+
+from mdm_circuits import organisms
+from mdm_circuits.comparison.settings import Settings
+from mdm_circuits.errors import UsageError
+from mdm_circuits.model import checkpoint
+from mdm_circuits.model.transformer import Transformer, with_config
+
+QUERY_FORMAT = "ARM as MDM"
+
+
+@dataclasses.dataclass(frozen=True)
+class Member:
+    """A model of the comparison. `role`: "arm", "mdm", "query format" (the ARM's weights posed as an MDM),
+    "trajectory" (an adaptation checkpoint, `step` set) or "control"."""
+
+    name: str
+    model: Transformer
+    role: str
+    step: int | None = None
+
+    @property
+    def is_mdm(self) -> bool:
+        return self.model.config.is_mdm
+
+
+@dataclasses.dataclass(frozen=True)
+class Lineup:
+    members: tuple[Member, ...]
+    tokenizer: tokenizers.Tokenizer
+    source: str
+
+    def __getitem__(self, name: str) -> Member:
+        for member in self.members:
+            if member.name == name:
+                return member
+        raise KeyError(name)
+
+    @property
+    def names(self) -> list[str]:
+        return [member.name for member in self.members]
+
+    @property
+    def trajectory(self) -> list[Member]:
+        """The query-format control and the adaptation checkpoints, in step order, then the MDM; empty where
+        there are no checkpoints."""
+        if not any(m.role == "trajectory" for m in self.members):
+            return []
+        steps = [m for m in self.members if m.role in ("query format", "trajectory")]
+        return sorted(steps, key=lambda m: m.step) + [self["MDM"]]
+
+
+def _load(directory: str, kind: str | None) -> tuple[Transformer, tokenizers.Tokenizer | None]:
+    path = Path(directory)
+    if (path / checkpoint.MANIFEST).exists():
+        return checkpoint.load(path), checkpoint.load_tokenizer(path)
+    if (path / "config.json").exists():
+        from conversion import convert
+
+        converted = convert(path, mdm=True if kind == "diffullama" else None)
+        return converted.model, converted.tokenizer
+    raise UsageError(f"{directory} is neither a converted model (no {checkpoint.MANIFEST}) nor a Hugging Face "
+                     f"checkpoint (no config.json)")
+
+
+def load(settings: Settings) -> Lineup:
+    if settings.arm is None:
+        arm, mdm, tokenizer = organisms.load()
+        steps = organisms.trajectory_steps()
+        members = [Member("ARM", arm, "arm"), Member("MDM", mdm, "mdm", steps[-1])]
+        for step in steps[:-1]:  # the last checkpoint is the MDM itself
+            model = organisms.trajectory_model(step)
+            members.append(Member(QUERY_FORMAT, model, "query format", 0) if step == 0
+                           else Member(f"step {step}", model, "trajectory", step))
+        source = "the default pair shipped with mdm_circuits (see README, 'The default pair')"
+    else:
+        (arm, tokenizer), (mdm, _) = _load(settings.arm, None), _load(settings.mdm, settings.mdm_kind)
+        if tokenizer is None:
+            raise UsageError(f"{settings.arm} has no tokenizer.json; the tasks need the ARM's tokenizer")
+        members = [Member("ARM", arm, "arm"), Member("MDM", mdm, "mdm")]
+        if arm.architecture == mdm.architecture:
+            members.append(Member(QUERY_FORMAT, with_config(arm, mdm.config), "query format", 0))
+        source = f"ARM {settings.arm}, MDM {settings.mdm}"
+    for name, directory in settings.controls:
+        members.append(Member(name, _load(directory, None)[0], "control"))
+    arm, mdm = members[0].model.config, members[1].model.config
+    if arm.is_mdm or arm.attention != "causal":
+        raise UsageError("the ARM must be causal without a mask token; check --arm (and that --mdm is the MDM)")
+    if not mdm.is_mdm:
+        raise UsageError("the MDM has no mask token; for DiffuLLaMA pass --mdm-kind diffullama, or convert it "
+                         "with `mdm-circuits convert --mdm`")
+    for member in members:
+        if member.model.config.vocab_size != arm.vocab_size:
+            raise UsageError(f"{member.name} has a vocabulary of {member.model.config.vocab_size} tokens, the ARM "
+                             f"{arm.vocab_size}: the models of a comparison must share the ARM's tokenizer")
+    return Lineup(tuple(members), tokenizer, source)

@@ -1,0 +1,113 @@
+"""What a comparison run is: the models, the tasks and every protocol choice, as one frozen value.
+
+A run's output directory records its settings (`settings.json`); every file a stage writes carries their
+fingerprint, so a rerun with the same settings resumes and a rerun with other settings never mixes with
+what is there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Literal
+
+from mdm_circuits.errors import UsageError
+from mdm_circuits.tasks import TASKS
+
+Protocol = Literal["single", "multi"]
+MdmKind = Literal["dream", "diffullama", "llada"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """One comparison.
+
+    Attributes:
+      arm, mdm: model directories (converted, or Hugging Face checkpoints to convert); None for both takes the
+        default pair shipped with the package, with its adaptation trajectory as controls.
+      mdm_kind: how to read a Hugging Face MDM whose config cannot tell (DiffuLLaMA is a plain Llama config).
+      controls: extra models as (name, directory): a continued ARM, another seed, checkpoints...
+      tasks: the tasks compared.
+      pool: common-correct questions per task (both models solve them), drawn from at most `budget`.
+      method, steps: the attribution method and its integration steps.
+      protocol: how the MDM is queried: "single" (every answer position masked, read once) or "multi"
+        (`denoising_steps` steps revealing the answer in `order`, attributed at every step, averaged).
+      ks: circuit sizes swept (empty: 1, 2, 5, 10, 20, 50% of the edges and 100, 1000, 10000 edges).
+      ablation: what an edge's or node's removal is measured against ("corrupted", "zero", "mean", ...).
+      seed: the seed of the pools, bootstrap, nulls and random controls.
+      bootstrap: resamples of the pool for every confidence interval (95%, percentile).
+      null_draws, splits: random edge-set pairs and disjoint half-pool splits for the two nulls.
+      causal_size, causal_draws: components zeroed in the causal check, and draws of each control set.
+      max_length: leave out questions longer than this many tokens.
+      batch_size: examples per compiled program.
+      models_per_program: at most this many models of one architecture run as one stacked program (0: all).
+    """
+
+    arm: str | None = None
+    mdm: str | None = None
+    mdm_kind: MdmKind | None = None
+    controls: tuple[tuple[str, str], ...] = ()
+    tasks: tuple[str, ...] = tuple(TASKS)
+    pool: int = 200
+    budget: int = 2000
+    method: str = "eap_ig_inputs"
+    steps: int = 5
+    protocol: Protocol = "single"
+    denoising_steps: int | None = None
+    order: str = "left_to_right"
+    ks: tuple[int, ...] = ()
+    ablation: str = "corrupted"
+    seed: int = 0
+    bootstrap: int = 500
+    null_draws: int = 200
+    splits: int = 20
+    causal_size: int = 3
+    causal_draws: int = 10
+    max_length: int | None = None
+    batch_size: int = 32
+    models_per_program: int = 0
+
+    def __post_init__(self):
+        problems = []
+        if (self.arm is None) != (self.mdm is None):
+            problems.append("give both --arm and --mdm, or neither (for the default pair)")
+        unknown = sorted(set(self.tasks) - set(TASKS))
+        if unknown or not self.tasks:
+            problems.append(f"unknown or no task(s) {unknown}; choose from {sorted(TASKS)}")
+        for name in ("pool", "budget", "steps", "bootstrap", "null_draws", "splits", "causal_size", "causal_draws",
+                     "batch_size"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be positive, got {getattr(self, name)}")
+        if self.pool < 4:
+            problems.append(f"a pool of {self.pool} questions cannot be split into halves for the nulls; use >= 4")
+        if self.protocol not in ("single", "multi"):
+            problems.append(f"protocol must be single or multi, got {self.protocol!r}")
+        if self.order not in ("left_to_right", "confidence", "random"):
+            problems.append(f"order must be left_to_right, confidence or random, got {self.order!r}")
+        names = [name for name, _ in self.controls]
+        reserved = [n for n in names if n in ("ARM", "MDM", "ARM as MDM") or n.startswith("step ")]
+        if len(set(names)) != len(names) or reserved:
+            problems.append(f"control names must be distinct and not ARM, MDM, 'ARM as MDM' or 'step N' (the "
+                            f"names of the built-in models), got {names}")
+        if problems:
+            raise UsageError("invalid comparison settings: " + "; ".join(problems))
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Settings:
+        data = dict(data)
+        data["controls"] = tuple(tuple(pair) for pair in data.get("controls", ()))
+        data["tasks"] = tuple(data.get("tasks", ()))
+        data["ks"] = tuple(data.get("ks", ()))
+        return cls(**data)
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def differences(self, other: Settings) -> list[str]:
+        mine, theirs = self.to_dict(), other.to_dict()
+        return [f"{name}: {theirs[name]!r} -> {mine[name]!r}" for name in mine if mine[name] != theirs[name]]

@@ -1,0 +1,388 @@
+"""The stages of a comparison, for one task each. A stage reads what earlier stages saved, computes, and saves
+its own results in the run's store; a finished stage is never recomputed.
+
+  pool         the common-correct questions of the ARM and the MDM, and every model's accuracy
+  scores       every model's per-question edge scores (stacked programs: models of one architecture at once)
+  structure    overlaps over K with bootstrap intervals, the two nulls, importance, layers, specialisation
+  semantics    logit lens of the top components, neurons of the most important early MLP
+  causal       important early components zeroed, against random and middle/late controls
+  robustness   disjoint half pools; for multi-token answers, the MDM queried step by step in two orders
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import numpy as np
+
+from mdm_circuits.analysis import causal, semantics, structure
+from mdm_circuits.circuits.ablations import Ablation
+from mdm_circuits.circuits.attribution import attribute
+from mdm_circuits.circuits.graph import Graph
+from mdm_circuits.circuits.patching import ablate_node_sets
+from mdm_circuits.comparison.lineup import Lineup, Member
+from mdm_circuits.comparison.progress import Reporter
+from mdm_circuits.comparison.settings import Settings
+from mdm_circuits.comparison.store import Store
+from mdm_circuits.decoding.accuracy import common_correct_pool, solved
+from mdm_circuits.decoding.denoising import denoising_steps
+from mdm_circuits.errors import UsageError
+from mdm_circuits.model.transformer import stack
+from mdm_circuits.tasks import TASKS
+from mdm_circuits.tasks.batch import Example, collate
+from mdm_circuits.tasks.views import View
+
+MAIN_PAIR = ("ARM", "MDM")
+
+
+@dataclasses.dataclass(frozen=True)
+class Posed:
+    """One model's examples of a task: every question, or every denoising step of every question (then
+    `questions[i]` is the question example i belongs to)."""
+
+    examples: list[Example]
+    questions: np.ndarray
+
+
+# ---- pool ----
+
+
+def pool(store: Store, lineup: Lineup, task: str, settings: Settings, reporter: Reporter) -> dict:
+    done = store.load(f"pool-{task}")
+    if done is not None:
+        return done
+    arm, mdm = lineup["ARM"].model, lineup["MDM"].model
+    reporter.begin(f"{task}: drawing questions both models solve", settings.pool)
+    drawn = common_correct_pool(TASKS[task], lineup.tokenizer, arm, mdm, n=settings.pool, budget=settings.budget,
+                                seed=settings.seed, max_length=settings.max_length,
+                                progress=lambda _, pooled, n: reporter.update(pooled, n))
+    if len(drawn.arm) < 4:
+        raise UsageError(f"only {len(drawn.arm)} of {drawn.drawn} {task} questions are solved by both models; raise "
+                         f"--budget, or leave the task out (--tasks)")
+    reporter.begin(f"{task}: every model's accuracy", len(lineup.members))
+    accuracy = {}
+    for index, member in enumerate(lineup.members):
+        sample = TASKS[task].examples(lineup.tokenizer, settings.pool, seed=settings.seed + 1,
+                                      view=View.for_model(member.model.config), max_length=settings.max_length)
+        accuracy[member.name] = float(solved(member.model, sample).mean())
+        reporter.update(index + 1)
+    result = {"drawn": drawn.drawn, "pool_accuracy": {"ARM": drawn.arm_accuracy, "MDM": drawn.mdm_accuracy},
+              "accuracy": accuracy, "accuracy_sample": settings.pool,
+              "arm": [dataclasses.asdict(e) for e in drawn.arm], "mdm": [dataclasses.asdict(e) for e in drawn.mdm]}
+    store.save(f"pool-{task}", result)
+    return result
+
+
+def _reposed(example: Example, mask: int, own_mask: int) -> Example:
+    """The MDM-view example with the MDM's mask token replaced by another model's."""
+    if mask == own_mask:
+        return example
+    swap = [own_mask if token == mask else token for token in example.clean]
+    corrupted = [own_mask if token == mask else token for token in example.corrupted]
+    return dataclasses.replace(example, clean=swap, corrupted=corrupted)
+
+
+def posed(lineup: Lineup, drawn: dict, settings: Settings, protocol: str | None = None, order: str | None = None,
+          members: list[Member] | None = None) -> dict[str, Posed]:
+    """Every model's examples: the ARM view for causal models, the MDM view (with its own mask token) for MDMs.
+    With the multi-step protocol each MDM-view question becomes its denoising steps, and each ARM-view
+    question is repeated as often, so that every model has as many examples (and can share a program)."""
+    protocol, order = protocol or settings.protocol, order or settings.order
+    arm_view = [Example(**e) for e in drawn["arm"]]
+    mdm_view = [Example(**e) for e in drawn["mdm"]]
+    mask = lineup["MDM"].model.config.mask_token_id
+    steps = [1] * len(mdm_view)
+    if protocol == "multi":
+        steps = [min(settings.denoising_steps or len(e.answer_positions), len(e.answer_positions)) for e in mdm_view]
+    questions = np.repeat(np.arange(len(mdm_view)), steps)
+    result = {}
+    for member in members or lineup.members:
+        if not member.is_mdm:
+            result[member.name] = Posed([arm_view[q] for q in questions], questions)
+            continue
+        own = [_reposed(e, mask, member.model.config.mask_token_id) for e in mdm_view]
+        if protocol == "multi":
+            model = member.model if order == "confidence" else None
+            own = [step for index, (example, count) in enumerate(zip(own, steps))
+                   for step in denoising_steps(example, count, order, seed=settings.seed + index, model=model)]
+        result[member.name] = Posed(own, questions)
+    return result
+
+
+# ---- programs over models ----
+
+
+def _programs(members: list[Member], settings: Settings) -> list[list[Member]]:
+    """Members grouped into stacked programs: one architecture and dtype each, at most `models_per_program`."""
+    groups: dict = {}
+    for member in members:
+        key = (member.model.architecture, member.model.embedding.dtype)
+        groups.setdefault(key, []).append(member)
+    size = settings.models_per_program or len(members)
+    return [group[start: start + size] for group in groups.values() for start in range(0, len(group), size)]
+
+
+def _run(members: list[Member], settings: Settings, function) -> list:
+    """`function(models, names)` for every program (a model, or a stack), its results flattened in order."""
+    results = []
+    for group in _programs(members, settings):
+        models = stack([m.model for m in group]) if len(group) > 1 else group[0].model
+        out = function(models, [m.name for m in group])
+        results += out if len(group) > 1 else [out]
+    return results
+
+
+def _per_question(rows: np.ndarray, questions: np.ndarray) -> np.ndarray:
+    """Per-example rows averaged over the examples of each question (a question's denoising steps)."""
+    counts = np.bincount(questions)
+    summed = np.zeros((len(counts), rows.shape[1]), np.float64)
+    np.add.at(summed, questions, rows.astype(np.float64))
+    return (summed / counts[:, None]).astype(np.float32)
+
+
+def _rows(lineup: Lineup, examples: dict[str, Posed], settings: Settings, task: str, reporter: Reporter,
+          members: list[Member]) -> tuple[list[np.ndarray], list[float], list[float]]:
+    metric = TASKS[task].METRIC
+    total = sum(len(examples[m.name].examples) for m in members)
+    done = [0]
+
+    def scores(models, names):
+        batches = [collate(examples[name].examples) for name in names]
+        batch = batches if len(names) > 1 else batches[0]
+        offset = done[0]
+        result = attribute(models, batch, metric, method=settings.method, steps=settings.steps,
+                           ablation=Ablation(settings.ablation), batch_size=settings.batch_size, per_example=True,
+                           progress=lambda d, n: reporter.update(offset + d * len(names), total))
+        done[0] += len(names) * batches[0].size
+        return result
+
+    results = _run(members, settings, scores)
+    rows = [_per_question(r.per_example, examples[m.name].questions) for r, m in zip(results, members)]
+    return rows, [r.clean_metric for r in results], [r.corrupted_metric for r in results]
+
+
+def scores(store: Store, lineup: Lineup, drawn: dict, task: str, settings: Settings, reporter: Reporter):
+    """(member names, per-question rows, the stage's data)."""
+    done = store.load(f"scores-{task}")
+    if done is None:
+        reporter.begin(f"{task}: attributing every model ({settings.method})")
+        examples = posed(lineup, drawn, settings)
+        rows, clean, corrupted = _rows(lineup, examples, settings, task, reporter, list(lineup.members))
+        done = {"members": lineup.names, "clean_metric": clean, "corrupted_metric": corrupted,
+                "examples": {name: len(p.examples) for name, p in examples.items()}}
+        store.save(f"scores-{task}", done, {f"rows_{i}": r for i, r in enumerate(rows)})
+    arrays = store.arrays(f"scores-{task}")
+    return done["members"], [arrays[f"rows_{i}"] for i in range(len(done["members"]))], done
+
+
+# ---- structure ----
+
+
+def _summary(values: np.ndarray) -> dict:
+    low, high = structure.interval(values)
+    return {"mean": np.nanmean(values, axis=0).tolist(), "low": np.asarray(low).tolist(),
+            "high": np.asarray(high).tolist()}
+
+
+def _interval(point, replicates: np.ndarray) -> dict:
+    low, high = structure.interval(replicates)
+    return {"point": float(point), "low": float(low), "high": float(high)}
+
+
+def structure_stage(store: Store, task: str, graph: Graph, names: list[str], rows: list[np.ndarray],
+                    settings: Settings, reporter: Reporter) -> dict:
+    done = store.load(f"structure-{task}")
+    if done is not None:
+        return done
+    ks = sorted(k for k in (settings.ks or structure.k_sweep(graph)) if k <= graph.n_edges)
+    headline = structure.headline_k(graph)
+    pairs = list(itertools.combinations(range(len(names)), 2))
+    means = [r.mean(0) for r in rows]
+
+    def measures(model_means):
+        importance = [structure.node_importance(graph, m, headline) for m in model_means]
+        curves = [structure.jaccard_curve(model_means[a], model_means[b], ks) for a, b in pairs]
+        com = [structure.centre_of_mass(structure.layer_distribution(graph, i)) for i in importance]
+        special = [list(structure.specialisation(graph, i).values()) for i in importance]
+        return np.concatenate([np.ravel(curves), com, np.ravel(special)])
+
+    reporter.begin(f"{task}: bootstrap of the overlaps, layers and specialisation", settings.bootstrap)
+    point = measures(means)
+    weights = structure.bootstrap_weights(len(rows[0]), settings.bootstrap, settings.seed)
+    replicates = []
+    for index, model_means in enumerate(structure.resampled_means(rows, weights)):
+        replicates.append(measures(model_means))
+        reporter.update(index + 1)
+    replicates = np.stack(replicates)
+    n_curves, n_models = len(pairs) * len(ks), len(names)
+    curves = replicates[:, :n_curves].reshape(-1, len(pairs), len(ks))
+    com = replicates[:, n_curves: n_curves + n_models]
+    special = replicates[:, n_curves + n_models:].reshape(-1, n_models, 3)
+    point_curves = point[:n_curves].reshape(len(pairs), len(ks))
+    low, high = structure.interval(curves)
+    reporter.begin(f"{task}: nulls (random edge sets, disjoint half pools)", len(names))
+    split_half = {}
+    for index, name in enumerate(names):
+        split_half[name] = _summary(structure.split_half_jaccard(rows[index], ks, settings.splits, settings.seed))
+        reporter.update(index + 1)
+    importance = {name: structure.node_importance(graph, m, headline) for name, m in zip(names, means)}
+    connected = {name: structure.connected_top_k(graph, m, headline) for name, m in zip(names, means)}
+    result = {
+        "ks": ks, "headline_k": headline, "n_edges": graph.n_edges, "n_questions": len(rows[0]),
+        "pairs": [[names[a], names[b]] for a, b in pairs],
+        "jaccard": {"point": point_curves.tolist(), "low": low.tolist(), "high": high.tolist()},
+        "jaccard_connected": [structure.jaccard(connected[names[a]], connected[names[b]]) for a, b in pairs],
+        "connected_size": {name: int(c.sum()) for name, c in connected.items()},
+        "null_random": _summary(structure.random_jaccard(graph.n_edges, ks, settings.null_draws, settings.seed)),
+        "null_split_half": split_half,
+        "importance": {name: i.tolist() for name, i in importance.items()},
+        "layers": {name: structure.layer_distribution(graph, i).tolist() for name, i in importance.items()},
+        "centre_of_mass": {name: _interval(point[n_curves + m], com[:, m]) for m, name in enumerate(names)},
+        "specialisation": {name: {measure: _interval(point[n_curves + n_models + 3 * m + j], special[:, m, j])
+                                  for j, measure in enumerate(("entropy", "gini", "top_3_share"))}
+                           for m, name in enumerate(names)},
+        "top_components": {name: [[graph.sources[row].name, float(i[row])]
+                                  for row in semantics.important_rows(graph, i, 10)] for name, i in importance.items()},
+    }
+    headline_column = ks.index(headline)
+    store.save(f"structure-{task}", result, {
+        "jaccard_headline": curves[:, :, headline_column], "centre_of_mass": com, "entropy": special[:, :, 0]})
+    return result
+
+
+# ---- semantics ----
+
+
+def _decoded(tokenizer, tokens) -> list[str]:
+    return [tokenizer.decode([int(t)], skip_special_tokens=False) for t in tokens]
+
+
+def semantics_stage(store: Store, lineup: Lineup, drawn: dict, task: str, graph: Graph, found: dict,
+                    settings: Settings, reporter: Reporter) -> dict:
+    done = store.load(f"semantics-{task}")
+    if done is not None:
+        return done
+    members = [lineup[name] for name in lineup.names if lineup[name].role in ("arm", "mdm", "query format")]
+    examples = posed(lineup, drawn, settings, protocol="single", members=members)
+    reporter.begin(f"{task}: logit lens and neurons", len(members))
+    result = {}
+    for index, member in enumerate(members):
+        batch = collate(examples[member.name].examples)
+        importance = np.asarray(found["importance"][member.name])
+        rows = semantics.important_rows(graph, importance, 5)
+        lens = semantics.logit_lens(member.model, batch, rows, batch_size=settings.batch_size)
+        components = [{"component": graph.sources[row].name, "importance": float(importance[row]),
+                       "tokens": _decoded(lineup.tokenizer, tokens), "logits": logits.tolist(),
+                       "answer_rank": float(rank), "answer_push": float(push)}
+                      for row, tokens, logits, rank, push in zip(rows, lens.top_tokens, lens.top_logits,
+                                                                 lens.answer_rank, lens.answer_push)]
+        early = causal.early_layer_count(graph.n_layers)
+        layer = max(range(early), key=lambda layer: importance[graph.mlp_row(layer)])
+        neurons = semantics.neurons(member.model, batch, TASKS[task].METRIC, layer,
+                                    batch_size=max(1, settings.batch_size // 2))
+        described = []
+        for neuron, places, activations, promoted in zip(neurons.top, neurons.top_inputs, neurons.top_activations,
+                                                        neurons.promoted_tokens):
+            inputs = []
+            for (example, position), activation in zip(places, activations):
+                tokens = batch.clean[example][max(0, position - 4): position + 1]
+                inputs.append({"context": lineup.tokenizer.decode([int(t) for t in tokens], skip_special_tokens=False),
+                               "token": _decoded(lineup.tokenizer, [batch.clean[example][position]])[0],
+                               "activation": float(activation)})
+            described.append({"neuron": int(neuron), "score": float(neurons.scores[neuron]), "inputs": inputs,
+                              "promotes": _decoded(lineup.tokenizer, promoted)})
+        score_share = np.sort(np.abs(neurons.scores))[::-1]
+        result[member.name] = {"components": components, "mlp_layer": layer, "neurons": described,
+                               "neuron_top_10_share": float(score_share[:10].sum() / max(score_share.sum(), 1e-30))}
+        reporter.update(index + 1)
+    store.save(f"semantics-{task}", result)
+    return result
+
+
+# ---- causal ----
+
+
+def causal_stage(store: Store, lineup: Lineup, drawn: dict, task: str, graph: Graph, found: dict, settings: Settings,
+                 reporter: Reporter) -> dict:
+    done = store.load(f"causal-{task}")
+    if done is not None:
+        return done
+    members = [lineup[name] for name in lineup.names if lineup[name].role in ("arm", "mdm", "query format")]
+    important = {m.name: causal.important_early(graph, np.asarray(found["importance"][m.name]), settings.causal_size)
+                 for m in members}
+    shared = np.logical_and.reduce([important[name] for name in MAIN_PAIR])
+    sets = {}
+    for index, member in enumerate(members):
+        controls = causal.control_sets(graph, important[member.name], int(important[member.name].sum()),
+                                       settings.causal_draws, settings.seed + index)
+        sets[member.name] = np.concatenate([important[member.name][None], (important[member.name] & ~shared)[None],
+                                            controls.random, controls.middle_late])
+    examples = posed(lineup, drawn, settings, protocol="single", members=members)
+    reporter.begin(f"{task}: zeroing important early components and controls", len(members))
+    metric = TASKS[task].METRIC
+
+    def effects(models, names):
+        batches = [collate(examples[name].examples) for name in names]
+        result = ablate_node_sets(models, batches if len(names) > 1 else batches[0], metric,
+                                  [sets[n] for n in names] if len(names) > 1 else sets[names[0]],
+                                  batch_size=settings.batch_size)
+        reporter.update(len(names))
+        return result
+
+    measured = dict(zip([m.name for m in members], _run(members, settings, effects)))
+    draws = settings.causal_draws
+    result = {"size": settings.causal_size, "early_layers": causal.early_layer_count(graph.n_layers),
+              "shared": [graph.sources[row].name for row in np.nonzero(shared)[0]], "models": {}}
+    for name, effect in measured.items():
+        retained = effect.retained
+        result["models"][name] = {
+            "important": [graph.sources[row].name for row in np.nonzero(important[name])[0]],
+            "retained": float(retained[0]),
+            "retained_without_shared": float(retained[1]) if (important[name] & ~shared).any() else None,
+            "random": _spread(retained[2: 2 + draws]), "middle_late": _spread(retained[2 + draws:]),
+            "clean_metric": effect.clean_metric, "corrupted_metric": effect.corrupted_metric}
+    store.save(f"causal-{task}", result)
+    return result
+
+
+def _spread(values: np.ndarray) -> dict:
+    return {"mean": float(values.mean()), "min": float(values.min()), "max": float(values.max()),
+            "values": values.tolist()}
+
+
+# ---- robustness ----
+
+
+def robustness_stage(store: Store, lineup: Lineup, drawn: dict, task: str, graph: Graph, names: list[str],
+                     rows: list[np.ndarray], settings: Settings, reporter: Reporter) -> dict:
+    done = store.load(f"robustness-{task}")
+    if done is not None:
+        return done
+    headline = structure.headline_k(graph)
+    arm, mdm = rows[names.index("ARM")], rows[names.index("MDM")]
+    order = np.random.default_rng(settings.seed).permutation(len(arm))
+    halves = np.array_split(order, 2)
+    result = {"halves": [float(structure.jaccard_curve(arm[h].mean(0), mdm[h].mean(0), [headline])[0])
+                         for h in halves], "protocols": None}
+    longest = max(len(e["answer_positions"]) for e in drawn["mdm"])
+    if settings.protocol == "single" and longest > 1:
+        reporter.begin(f"{task}: the MDM queried step by step (two reveal orders)")
+        protocols = {}
+        for reveal in ("left_to_right", "confidence"):
+            multi = dataclasses.replace(settings, protocol="multi", order=reveal, denoising_steps=None)
+            member = lineup["MDM"]
+            examples = posed(lineup, drawn, multi, members=[member])
+            stepwise = _rows(lineup, examples, multi, task, reporter, [member])[0][0]
+
+            def overlaps(means):
+                return [structure.jaccard_curve(means[0], means[1], [headline])[0],
+                        structure.jaccard_curve(means[2], means[1], [headline])[0]]
+
+            replicates = structure.bootstrap(overlaps, [mdm, stepwise, arm], settings.bootstrap, settings.seed)
+            point = overlaps([mdm.mean(0), stepwise.mean(0), arm.mean(0)])
+            protocols[reveal] = {"mdm_single_vs_stepwise": _interval(point[0], replicates[:, 0]),
+                                 "arm_vs_mdm_stepwise": _interval(point[1], replicates[:, 1])}
+        result["protocols"] = protocols
+    store.save(f"robustness-{task}", result)
+    return result

@@ -1,0 +1,251 @@
+"""The comparison's outputs: `report.md` (figures in `figures/`), a self-contained `report.html`, the circuits
+as JSON in the EAP-IG naming, the mean scores as `.npz`, and `summary.json` with every headline number.
+
+`write` takes the comparison's results as plain data (see `comparison.run`) and a `save(relative path,
+bytes or text)` that writes a file of the run."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+from typing import Callable
+
+import numpy as np
+
+from mdm_circuits.analysis import structure
+from mdm_circuits.circuits.graph import Graph
+from mdm_circuits.report import figures
+from mdm_circuits.report.document import Bullets, Figure, Heading, Paragraph, Table, markdown, to_html
+from mdm_circuits.tasks import TASKS
+
+
+def _ci(value: dict, digits: int = 3) -> str:
+    return f"{value['point']:.{digits}f} [{value['low']:.{digits}f}, {value['high']:.{digits}f}]"
+
+
+def _headline(found: dict, pair: tuple[str, str]) -> dict | None:
+    pairs = [tuple(p) for p in found["pairs"]]
+    if pair not in pairs:
+        return None
+    index, column = pairs.index(pair), found["ks"].index(found["headline_k"])
+    return {key: found["jaccard"][key][index][column] for key in ("point", "low", "high")} | {
+        "connected": found["jaccard_connected"][index]}
+
+
+@dataclasses.dataclass(frozen=True)
+class Models:
+    """What the report needs to know of the compared models: names and roles in order ("arm", "mdm", "query
+    format", "trajectory", "control"), the adaptation checkpoints as (name, step), where they came from, and
+    the MDM's readout offset and mask token."""
+
+    roles: dict[str, str]
+    trajectory: list[tuple[str, int]]
+    final_step: int
+    source: str
+    read_offset: int
+    mask_token: int
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.roles)
+
+    def main(self) -> list[str]:
+        return [name for name, role in self.roles.items() if role in ("arm", "mdm", "query format")]
+
+
+Save = Callable[[str, "bytes | str"], object]
+
+
+def _figure(save: Save, name: str, png: bytes, caption: str) -> Figure:
+    save(f"figures/{name}.png", png)
+    return Figure(f"figures/{name}.png", png, caption)
+
+
+def _highlighted(models: Models) -> list[tuple[str, str]]:
+    """The pairs drawn on the overlap figure: ARM vs MDM, and every model but the adaptation checkpoints
+    against each of them (the checkpoints have a figure of their own)."""
+    others = [name for name, role in models.roles.items() if role in ("query format", "control")]
+    return [("ARM", "MDM")] + [("ARM", o) for o in others] + [("MDM", o) for o in others]
+
+
+def _task_summary(task: str, result: dict) -> dict:
+    found, drawn, scored = result["structure"], result["pool"], result["scores"]
+    column = found["ks"].index(found["headline_k"])
+    names = scored["members"]
+    return {
+        "questions": len(drawn["arm"]), "drawn": drawn["drawn"], "accuracy": drawn["accuracy"],
+        "pool_accuracy": drawn["pool_accuracy"],
+        "metric": {"name": TASKS[task].METRIC.name, "clean": dict(zip(names, scored["clean_metric"])),
+                   "corrupted": dict(zip(names, scored["corrupted_metric"]))},
+        "headline_k": found["headline_k"], "n_edges": found["n_edges"],
+        "overlap": {f"{a} vs {b}": _headline(found, (a, b)) for a, b in found["pairs"]},
+        "chance_overlap": {key: found["null_random"][key][column] for key in ("mean", "low", "high")},
+        "split_half_overlap": {name: {key: band[key][column] for key in ("mean", "low", "high")}
+                               for name, band in found["null_split_half"].items()},
+        "centre_of_mass": found["centre_of_mass"], "specialisation": found["specialisation"],
+        "top_components": {name: found["top_components"][name][:5] for name in ("ARM", "MDM")},
+        "causal": {name: {key: value[key] for key in ("important", "retained", "retained_without_shared")}
+                   | {"random_mean": value["random"]["mean"], "middle_late_mean": value["middle_late"]["mean"]}
+                   for name, value in result["causal"]["models"].items()},
+        "robustness": result["robustness"],
+    }
+
+
+def _protocol(settings: dict, models: Models, graph: Graph, results: dict) -> list:
+    found = next(iter(results.values()))["structure"]
+    protocol = ("single step: every answer position masked, read once" if settings["protocol"] == "single" else
+                f"{settings['denoising_steps'] or 'answer-length'} denoising steps revealed {settings['order']}")
+    rows = [
+        ("models", models.source),
+        ("graph", f"{graph.n_layers} layers x {graph.n_heads} heads, {graph.n_edges:,} edges (EAP-IG graph)"),
+        ("attribution", f"{settings['method']}, {settings['steps']} steps, Δ against the {settings['ablation']} "
+                        f"run, summed over positions"),
+        ("MDM query", f"{protocol}; answers read at p − {models.read_offset} (mask token {models.mask_token}); "
+                      f"the ARM reads its teacher-forced answer at p − 1"),
+        ("K", f"headline {found['headline_k']} (1000, or 10% of a smaller graph's edges); swept over "
+              f"{found['ks']}"),
+        ("intervals", f"95% percentile bootstrap over questions, {settings['bootstrap']} resamples"),
+        ("nulls", f"chance: {settings['null_draws']} pairs of random edge sets of size K; split-half: "
+                  f"{settings['splits']} random splits of a model's pool into two disjoint halves"),
+        ("causal check", f"{settings['causal_size']} important early components zeroed at every position; "
+                         f"{settings['causal_draws']} draws of each control"),
+        ("seed", str(settings["seed"])),
+    ]
+    for task, result in results.items():
+        drawn = result["pool"]
+        rows.append((f"pool: {task}", f"{len(drawn['arm'])} questions both solve, of {drawn['drawn']} drawn "
+                                      f"(ARM {drawn['pool_accuracy']['ARM']:.3f}, MDM "
+                                      f"{drawn['pool_accuracy']['MDM']:.3f} of the drawn)"))
+    return [Heading("Protocol"), Table(("setting", "value"), tuple(rows))]
+
+
+def _task_blocks(save: Save, task: str, result: dict, models: Models) -> list:
+    found, scored, drawn = result["structure"], result["scores"], result["pool"]
+    names = scored["members"]
+    column = found["ks"].index(found["headline_k"])
+    blocks = [Heading(task, 2)]
+    blocks.append(Table(("model", "accuracy (sample)", f"clean {TASKS[task].METRIC.name}", "corrupted"), tuple(
+        (name, f"{drawn['accuracy'][name]:.3f}", f"{clean:.3f}", f"{corrupted:.3f}")
+        for name, clean, corrupted in zip(names, scored["clean_metric"], scored["corrupted_metric"]))))
+    blocks.append(_figure(save, f"{task}_overlap", figures.overlaps(task, found, _highlighted(models)),
+                          f"{task}: Jaccard overlap of top-K edge sets against K, 95% intervals; grey: chance; "
+                          f"dotted/dashed: two halves of one model's pool"))
+    rows = []
+    for a, b in found["pairs"]:
+        value = _headline(found, (a, b))
+        if a in ("ARM", "MDM") or b in ("ARM", "MDM"):
+            rows.append((f"{a} vs {b}", _ci(value), f"{value['connected']:.3f}"))
+    blocks.append(Table((f"pair (K = {found['headline_k']})", "overlap [95%]", "connected circuits"), tuple(rows)))
+    blocks.append(Paragraph(
+        f"Chance overlap at K = {found['headline_k']}: {found['null_random']['mean'][column]:.3f} "
+        f"(95% up to {found['null_random']['high'][column]:.3f}). Two disjoint halves of one pool: ARM "
+        f"{found['null_split_half']['ARM']['mean'][column]:.3f}, MDM "
+        f"{found['null_split_half']['MDM']['mean'][column]:.3f} (the most overlap sampling noise allows). "
+        f"Connected circuits: the top-K edges pruned to paths from the input to the logits "
+        f"({', '.join(f'{n} {s}' for n, s in found['connected_size'].items() if n in ('ARM', 'MDM'))} edges)."))
+    blocks.append(_figure(save, f"{task}_layers", figures.layers(task, found, models.main()),
+                          f"{task}: share of component importance per layer (centre of mass as a fraction of depth)"))
+    blocks.append(Table(("model", "layer centre of mass", "entropy", "Gini", "top-3 share", "top components (s(v))"),
+                        tuple((n, _ci(found["centre_of_mass"][n]), _ci(found["specialisation"][n]["entropy"]),
+                               _ci(found["specialisation"][n]["gini"]), _ci(found["specialisation"][n]["top_3_share"]),
+                               ", ".join(f"{c} {s:.2f}" for c, s in found["top_components"][n][:5]))
+                              for n in names)))
+    meaning = result["semantics"]
+    blocks.append(_figure(save, f"{task}_logit_lens", figures.logit_lens(task, meaning),
+                          f"{task}: direct contribution of the top components to the correct − incorrect logit"))
+    blocks.append(Table(("model", "component", "promotes most", "answer's median rank", "push (logits)"), tuple(
+        (name, c["component"], " ".join(repr(t.strip()) for t in c["tokens"][:3]), f"{c['answer_rank']:.0f}",
+         f"{c['answer_push']:+.2f}") for name, value in meaning.items() for c in value["components"])))
+    neuron_rows = []
+    for name, value in meaning.items():
+        for neuron in value["neurons"][:3]:
+            inputs = "; ".join(f"{i['context']!r} ({i['activation']:.2f})" for i in neuron["inputs"][:2])
+            neuron_rows.append((name, f"m{value['mlp_layer']} #{neuron['neuron']}", f"{neuron['score']:+.3f}",
+                                inputs, " ".join(repr(t.strip()) for t in neuron["promotes"][:3])))
+    blocks.append(Paragraph("Neurons of each model's most important early MLP (neuron-level EAP; the share of the "
+                            "ten largest: " + ", ".join(f"{n} {v['neuron_top_10_share']:.2f}"
+                                                        for n, v in meaning.items()) + "):"))
+    blocks.append(Table(("model", "neuron", "score", "strongest pool inputs (activation)", "promotes"),
+                        tuple(neuron_rows)))
+    checked = result["causal"]
+    blocks.append(_figure(save, f"{task}_ablation", figures.ablations(task, checked),
+                          f"{task}: share of the task kept after zeroing components (controls: mean, min-max)"))
+    blocks.append(Table(("model", "zeroed", "kept", "without shared", "random (mean)", "middle/late (mean)"), tuple(
+        (name, ", ".join(v["important"]), f"{v['retained']:.3f}",
+         "—" if v["retained_without_shared"] is None else f"{v['retained_without_shared']:.3f}",
+         f"{v['random']['mean']:.3f}", f"{v['middle_late']['mean']:.3f}")
+        for name, v in checked["models"].items())))
+    if checked["shared"]:
+        blocks.append(Paragraph(f"Shared by the ARM's and the MDM's important sets: {', '.join(checked['shared'])}; "
+                                "'without shared' zeroes the rest."))
+    robust = result["robustness"]
+    lines = [f"ARM vs MDM overlap on two disjoint halves of the pool: {robust['halves'][0]:.3f} and "
+             f"{robust['halves'][1]:.3f}."]
+    if robust["protocols"]:
+        for order, value in robust["protocols"].items():
+            lines.append(f"MDM queried step by step ({order}): overlap with its single-step circuit "
+                         f"{_ci(value['mdm_single_vs_stepwise'])}; with the ARM {_ci(value['arm_vs_mdm_stepwise'])}.")
+    blocks += [Paragraph("Robustness:"), Bullets(tuple(lines))]
+    return blocks
+
+
+def _circuits(save: Save, graph: Graph, task: str, result: dict) -> None:
+    """The ARM's and the MDM's mean scores with their connected headline-K circuits (EAP-IG JSON), and every
+    model's mean scores (`.npz`)."""
+    names, means = result["scores"]["members"], result["means"]
+    k = structure.headline_k(graph)
+    for name, mean in zip(names, means):
+        if name in ("ARM", "MDM"):
+            circuit = graph.edge_matrix(structure.connected_top_k(graph, mean, k), fill=False)
+            save(f"circuits/{task}_{name.lower()}.json", graph.json(graph.edge_matrix(mean.astype(np.float32)),
+                                                                    circuit))
+    scores = io.BytesIO()
+    np.savez(scores, names=np.array(names), **{f"edges_{i}": m for i, m in enumerate(means)})
+    save(f"scores/{task}.npz", scores.getvalue())
+
+
+def write(save: Save, models: Models, graph: Graph, results: dict, verdicts: list[dict], settings: dict,
+          timings: dict) -> dict:
+    """Write the report, circuits, scores and summary; return the summary."""
+    structures = {task: r["structure"] for task, r in results.items()}
+    summary = {"models": models.roles, "settings": settings, "findings": verdicts,
+               "tasks": {t: _task_summary(t, r) for t, r in results.items()}}
+    blocks = [Heading("ARM vs MDM circuits", 1), Paragraph(
+        f"The circuits of an autoregressive model (ARM) and of the masked diffusion model (MDM) post-trained from "
+        f"it, found with EAP-IG on {', '.join(results)} and compared by structure (edge overlap, component "
+        f"importance, layers), semantics (logit lens, neurons) and causal checks, with controls: "
+        f"{', '.join(n for n in models.names if n not in ('ARM', 'MDM')) or 'none'}.")]
+    blocks += [Heading("Findings"), Paragraph(
+        "Each of the paper's three findings is judged by a rule fixed before the run (see "
+        "`mdm_circuits.comparison.findings`): supported, contradicted, or this run cannot tell.")]
+    blocks.append(Table(("finding", "this run", "evidence"), tuple(
+        (v["finding"], v["verdict"], v["evidence"]) for v in verdicts)))
+    blocks += _protocol(settings, models, graph, results)
+    for task, result in results.items():
+        blocks += _task_blocks(save, task, result, models)
+        _circuits(save, graph, task, result)
+    blocks += [Heading("Specialisation"), _figure(save, "specialisation",
+                                                  figures.specialisation(structures, models.main()),
+                                                  "Importance entropy per task and model, 95% intervals")]
+    if models.trajectory:
+        accuracy = {task: r["pool"]["accuracy"] for task, r in results.items()}
+        blocks += [Heading("Along the adaptation"), Paragraph(
+            "Each checkpoint of the ARM → MDM adaptation (step 0: the ARM's weights posed as an MDM) against the "
+            "ARM and the final MDM at the headline K, its layer centre of mass and its accuracy (MDM view)."),
+            _figure(save, "trajectory", figures.trajectory(structures, accuracy, models.trajectory,
+                                                           models.final_step),
+                    "Overlap, layer centre of mass and accuracy along the adaptation")]
+    blocks += [Heading("Files"), Bullets((
+        "`summary.json`: every headline number; `timings.json`: seconds per stage",
+        "`figures/*.png`: the figures of this report",
+        "`circuits/TASK_arm.json`, `circuits/TASK_mdm.json`: mean scores and the connected headline-K circuit, "
+        "in the EAP-IG reference's JSON format",
+        "`scores/TASK.npz`: every model's mean edge scores (edge order of the graph)",
+        "`stages/`: each stage's saved results (a rerun with the same settings resumes from them)"))]
+    blocks += [Heading("Time per stage"), Table(("stage", "seconds"), tuple(
+        (stage, f"{seconds:.1f}") for stage, seconds in timings.items()))]
+    save("report.md", markdown(blocks))
+    save("report.html", to_html(blocks, "ARM vs MDM circuits"))
+    save("summary.json", json.dumps(summary, indent=1) + "\n")
+    return summary

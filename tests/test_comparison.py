@@ -1,0 +1,127 @@
+"""The main job end to end on the default pair (small settings), resumption after an interruption, settings
+that never mix, and a real-model smoke test on SmolLM2 posed as an ARM and read as an MDM."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from mdm_circuits.circuits.graph import Graph
+from mdm_circuits.cli import main
+from mdm_circuits.comparison import Settings, compare
+from mdm_circuits.comparison.findings import CANNOT_TELL, CONTRADICTS, SUPPORTS
+from mdm_circuits.comparison.progress import Reporter
+from mdm_circuits.comparison.store import Store
+from mdm_circuits.errors import UsageError
+from mdm_circuits.model import checkpoint
+from mdm_circuits.model.transformer import with_config
+
+SMALL = dict(tasks=("ioi", "countdown"), pool=8, budget=100, steps=2, bootstrap=20, null_draws=20, splits=4,
+             causal_draws=2)
+ARGUMENTS = ["--tasks", "ioi,countdown", "--pool", "8", "--budget", "100", "--steps", "2", "--bootstrap", "20",
+             "--null-draws", "20", "--splits", "4", "--causal-draws", "2"]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """The default comparison with small settings, run through the command line."""
+    directory = tmp_path_factory.mktemp("compare") / "run"
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        main(["compare", *ARGUMENTS, "--out", str(directory)])
+    (directory / "printed.txt").write_text(printed.getvalue())
+    return directory
+
+
+def test_the_comparison_writes_the_whole_report(finished):
+    printed = (finished / "printed.txt").read_text()
+    assert "ioi: attribution" in printed and "the paper's findings, by this run" in printed
+    for name in ("report.md", "report.html", "summary.json", "timings.json"):
+        assert (finished / name).stat().st_size > 0
+    figures = {path.name for path in (finished / "figures").iterdir()}
+    assert {"ioi_overlap.png", "ioi_layers.png", "ioi_logit_lens.png", "ioi_ablation.png", "countdown_overlap.png",
+            "specialisation.png", "trajectory.png"} <= figures
+    html = (finished / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == len(figures)  # self-contained
+    report = (finished / "report.md").read_text()
+    assert all(f"figures/{name}" in report for name in figures)
+    summary = json.loads((finished / "summary.json").read_text())
+    assert [f["verdict"] in (SUPPORTS, CONTRADICTS, CANNOT_TELL) for f in summary["findings"]] == [True] * 3
+    ioi = summary["tasks"]["ioi"]
+    assert ioi["questions"] == 8 and set(ioi["accuracy"]) == set(summary["models"])
+    overlap = ioi["overlap"]["ARM vs MDM"]
+    assert 0 <= overlap["low"] <= overlap["high"] <= 1 and overlap["point"] > ioi["chance_overlap"]["mean"]
+    assert summary["models"]["ARM as MDM"] == "query format" and summary["models"]["step 300"] == "trajectory"
+    # The circuits are EAP-IG JSON for this graph; the scores every model's mean edge scores.
+    graph = Graph(4, 4, 128)
+    scores, circuit = graph.from_json(finished / "circuits" / "ioi_mdm.json")
+    assert circuit.sum() > 0 and np.isfinite(scores).all()
+    with np.load(finished / "scores" / "countdown.npz") as stored:
+        assert list(stored["names"]) == list(summary["models"])
+        assert stored["edges_0"].shape == (graph.n_edges,)
+
+
+class Interrupted(Exception):
+    pass
+
+
+class InterruptAfter(Reporter):
+    def __init__(self, stage: str):
+        self.stage = stage
+
+    def end(self, stage: str, seconds: float) -> None:
+        if stage == self.stage:
+            raise Interrupted
+
+
+def test_an_interrupted_run_resumes_to_the_same_summary(finished, tmp_path):
+    settings = Settings(**SMALL)
+    with pytest.raises(Interrupted):
+        compare(settings, tmp_path / "run", reporter=InterruptAfter("countdown: attribution"))
+    assert (tmp_path / "run" / "stages" / "scores-countdown.json").exists()
+    assert not (tmp_path / "run" / "stages" / "structure-countdown.json").exists()
+    assert not (tmp_path / "run" / "summary.json").exists()
+    resumed = compare(settings, tmp_path / "run")
+    assert resumed == json.loads((finished / "summary.json").read_text())
+    assert (tmp_path / "run" / "summary.json").read_text() == (finished / "summary.json").read_text()
+
+
+def test_other_settings_never_mix_with_a_finished_run(finished, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(finished, copy)
+    (copy / "notes.txt").write_text("mine")
+    before = sorted(path.relative_to(copy) for path in copy.rglob("*"))
+    with pytest.raises(UsageError, match=r"other settings \(pool: 8 -> 10\); pass --fresh"):
+        compare(Settings(**SMALL | {"pool": 10}), copy)
+    assert sorted(path.relative_to(copy) for path in copy.rglob("*")) == before
+    # A fresh start removes what the earlier run wrote, and only that.
+    store = Store(copy, Settings(**SMALL | {"pool": 10}), fresh=True)
+    assert (copy / "notes.txt").read_text() == "mine"
+    assert not (copy / "report.md").exists() and not any((copy / "stages").iterdir())
+    assert store.load("pool-ioi") is None
+    # A stage file stamped with other settings is never read as this run's.
+    assert Store(finished, Settings(**SMALL)).load("pool-ioi") is not None
+
+
+@pytest.mark.smollm2
+def test_smollm2_as_an_arm_and_read_as_an_mdm(smollm2, tmp_path):
+    """A real model end to end: SmolLM2 is the ARM, and the same weights read bidirectionally with
+    <|endoftext|> as the mask token play the MDM (it was never trained as one: this is a smoke test)."""
+    model, tokenizer = smollm2.model, smollm2.tokenizer
+    checkpoint.save(tmp_path / "arm", model, tokenizer)
+    as_mdm = with_config(model, model.config.replace(attention="bidirectional", mask_token_id=0))
+    checkpoint.save(tmp_path / "mdm", as_mdm, tokenizer)
+    # One model per program: three stacked copies of SmolLM2 would take more memory than CI allows.
+    settings = Settings(arm=str(tmp_path / "arm"), mdm=str(tmp_path / "mdm"), tasks=("ioi",), pool=4, budget=48,
+                        steps=1, bootstrap=10, null_draws=10, splits=2, causal_size=2, causal_draws=2, max_length=16,
+                        batch_size=4, models_per_program=1)
+    summary = compare(settings, tmp_path / "out")
+    assert set(summary["models"]) == {"ARM", "MDM", "ARM as MDM"}
+    assert summary["tasks"]["ioi"]["headline_k"] == 1000 and summary["tasks"]["ioi"]["n_edges"] == 123_211
+    # The MDM and the ARM's weights posed as an MDM are the same model here: their circuits coincide.
+    assert summary["tasks"]["ioi"]["overlap"]["MDM vs ARM as MDM"]["point"] == 1.0
+    assert (tmp_path / "out" / "report.html").exists()
