@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import warnings
 from pathlib import Path
 from typing import Callable, Literal, Protocol
@@ -16,7 +15,7 @@ from flax import nnx, traverse_util
 
 from conversion.errors import ConversionError
 from conversion.gguf_files import BUNDLED, GGUFCheckpoint, bundled_path
-from conversion.hf_configs import config_from_hf
+from conversion.hf_configs import config_from_hf, read_config
 from conversion.safetensors_files import SafetensorsCheckpoint
 from conversion.tables import GGUF_LLAMA, GGUF_QWEN2, FamilyNames
 from mdm_circuits.model.config import ModelConfig
@@ -36,8 +35,12 @@ class TensorSource(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class Converted:
+    """The model, its tokenizer, and why there is none (`tokenizer_problem`) when the source has one that
+    could not be read or rebuilt."""
+
     model: Transformer
     tokenizer: tokenizers.Tokenizer | None
+    tokenizer_problem: str | None = None
 
 
 def fill_parameters(
@@ -115,6 +118,10 @@ def _fill(array: np.ndarray, entry, tensor: np.ndarray, want: tuple[int, ...]) -
     if not np.issubdtype(tensor.dtype, np.floating) and tensor.dtype != ml_dtypes.bfloat16:
         return (f"{entry.source}: dtype {tensor.dtype} is not a floating-point weight "
                 f"(quantized checkpoints must be dequantized first)")
+    finite = np.isfinite(np.asarray(tensor, np.float32) if tensor.dtype == ml_dtypes.bfloat16 else tensor)
+    if not finite.all():
+        return (f"{entry.source}: {np.size(finite) - np.count_nonzero(finite)} of its {np.size(finite)} values are "
+                f"NaN or infinite; the checkpoint is damaged (download or export it again)")
     try:
         value = entry.transform(tensor)
     except ValueError:
@@ -140,6 +147,19 @@ def _target_dtype(requested: DType, source_dtypes: list[np.dtype]) -> np.dtype:
 
 def _dotted(path: tuple) -> str:
     return ".".join(str(part) for part in path)
+
+
+def _hf_tokenizer(path: Path) -> tuple[tokenizers.Tokenizer | None, str | None]:
+    """A Hugging Face directory's tokenizer.json, or why it could not be read."""
+    tokenizer_path = path / "tokenizer.json"
+    if not tokenizer_path.exists():
+        return None, None
+    try:
+        return tokenizers.Tokenizer.from_file(str(tokenizer_path)), None
+    except Exception as error:  # tokenizers raises its own exception type on unreadable files
+        problem = f"{tokenizer_path} cannot be read ({error})"
+        warnings.warn(f"converted without a tokenizer: {problem}", stacklevel=3)
+        return None, problem
 
 
 def resolve_source(source: str | Path) -> Path:
@@ -183,26 +203,27 @@ def convert(
         config_path = path / "config.json"
         if not config_path.exists():
             raise ConversionError(f"{path} has no config.json; a Hugging Face checkpoint directory needs one")
+        tokenizer, problem = _hf_tokenizer(path)
         config, names = config_from_hf(
-            json.loads(config_path.read_text()), mdm=mdm, mask_token_id=mask_token_id,
-            ignore_fields=tuple(ignore_config_fields), source=str(config_path))
+            read_config(config_path), mdm=mdm, mask_token_id=mask_token_id,
+            ignore_fields=tuple(ignore_config_fields), source=str(config_path),
+            tokenizer_vocabulary=None if tokenizer is None else tokenizer.get_vocab_size())
         model = fill_parameters(SafetensorsCheckpoint(path), names, config, dtype=dtype, source=str(path),
                                 progress=progress)
-        tokenizer_path = path / "tokenizer.json"
-        tokenizer = tokenizers.Tokenizer.from_file(str(tokenizer_path)) if tokenizer_path.exists() else None
-        return Converted(model, tokenizer)
+        return Converted(model, tokenizer, problem)
     if path.suffix == ".gguf":
         if ignore_config_fields:
             raise ConversionError("ignore_config_fields applies to a Hugging Face config.json, not to GGUF")
         checkpoint = GGUFCheckpoint(path)
-        config = checkpoint.model_config(mdm=mdm, mask_token_id=mask_token_id)
-        names = GGUF_LLAMA if checkpoint.architecture == "llama" else GGUF_QWEN2
-        model = fill_parameters(checkpoint, names, config, dtype=dtype, source=str(path), progress=progress)
         try:
-            tokenizer = checkpoint.tokenizer()
+            tokenizer, problem = checkpoint.tokenizer(), None
         except ConversionError as error:  # the weights are fine; only the tokenizer cannot be rebuilt
             warnings.warn(f"converted without a tokenizer: {error}", stacklevel=2)
-            tokenizer = None
-        return Converted(model, tokenizer)
+            tokenizer, problem = None, str(error)
+        config = checkpoint.model_config(mdm=mdm, mask_token_id=mask_token_id,
+                                         tokenizer_vocabulary=None if tokenizer is None else tokenizer.get_vocab_size())
+        names = GGUF_LLAMA if checkpoint.architecture == "llama" else GGUF_QWEN2
+        model = fill_parameters(checkpoint, names, config, dtype=dtype, source=str(path), progress=progress)
+        return Converted(model, tokenizer, problem)
     raise ConversionError(f"{path} is neither a Hugging Face checkpoint directory nor a .gguf file")
 

@@ -58,7 +58,8 @@ class GGUFCheckpoint:
                 f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
         return architecture
 
-    def model_config(self, *, mdm: bool | None = None, mask_token_id: int | None = None) -> ModelConfig:
+    def model_config(self, *, mdm: bool | None = None, mask_token_id: int | None = None,
+                     tokenizer_vocabulary: int | None = None) -> ModelConfig:
         """The configuration stated by the metadata, read as an ARM unless `mdm` (see `resolve_conventions`)."""
         arch = self.architecture
         problems = [f"metadata {arch}.{key} = {self.metadata(f'{arch}.{key}')!r} is not supported"
@@ -95,7 +96,8 @@ class GGUFCheckpoint:
                 problems.append(f"partial rotary embedding (rope.dimension_count {rope_dim} < head dim "
                                 f"{fields['head_dim']}) is not supported")
         fields |= resolve_conventions(family=arch, native="arm", mdm=mdm, mask_token_id=mask_token_id,
-                                      config_mask_token_id=None, problems=problems)
+                                      config_mask_token_id=None, problems=problems,
+                                      tokenizer_vocabulary=tokenizer_vocabulary)
         if problems:
             raise ConversionError(f"{self.path.name}: cannot build a model configuration", problems)
         try:
@@ -104,15 +106,22 @@ class GGUFCheckpoint:
             raise ConversionError(f"{self.path.name}: {error}") from error
 
     def tokenizer(self) -> tokenizers.Tokenizer | None:
-        """The byte-level BPE tokenizer stored in the file's metadata; None if the file stores none."""
+        """The byte-level BPE tokenizer stored in the file's metadata; None if the file stores none.
+
+        Control tokens (`<|endoftext|>`) are added as special tokens, user-defined ones (`<tool_call>`) as
+        plain tokens matched whole, as llama.cpp matches both."""
         kind, pre = self.metadata("tokenizer.ggml.model"), self.metadata("tokenizer.ggml.pre", "default")
         if kind is None:
             return None
-        if kind != "gpt2" or pre not in _PRE_TOKENIZERS:
+        if kind != "gpt2":
+            family = "SentencePiece" if kind == "llama" else "not byte-level BPE"
             raise ConversionError(
-                f"{self.path.name}: tokenizer {kind!r} with pre-tokenizer {pre!r} cannot be rebuilt "
-                f"(supported: gpt2 with {sorted(_PRE_TOKENIZERS)}); put the model's tokenizer.json in the "
-                f"converted directory by hand")
+                f"{self.path.name}: tokenizer {kind!r} ({family}) cannot be rebuilt from GGUF metadata here; only "
+                f"byte-level BPE ('gpt2') can. Copy the model's tokenizer.json into the converted directory")
+        if pre not in PRE_TOKENIZERS:
+            raise ConversionError(
+                f"{self.path.name}: the pre-tokenizer {pre!r} cannot be rebuilt (known: {sorted(PRE_TOKENIZERS)}); "
+                f"copy the model's tokenizer.json into the converted directory")
         try:
             return self._build_tokenizer(pre)
         except ConversionError:
@@ -125,21 +134,56 @@ class GGUFCheckpoint:
         merges = self.metadata("tokenizer.ggml.merges")
         if tokens is None or merges is None:
             raise ConversionError(f"{self.path.name}: tokenizer metadata lacks its tokens or merges")
+        spelling = _byte_alphabet()
+        alphabet = set(spelling.values())
+        token_types = list(self.metadata("tokenizer.ggml.token_type") or [])
+        # A token outside the byte alphabet (a raw space, say) is spelled in bytes in the vocabulary.
+        spelled = [token if set(token) <= alphabet else "".join(spelling[b] for b in token.encode())
+                   for token in tokens]
         tokenizer = tokenizers.Tokenizer(models.BPE(
-            vocab={token: i for i, token in enumerate(tokens)},
+            vocab={token: i for i, token in enumerate(spelled)},
             merges=[tuple(merge.split(" ", 1)) for merge in merges]))
-        tokenizer.pre_tokenizer = _PRE_TOKENIZERS[pre]()
+        tokenizer.pre_tokenizer = PRE_TOKENIZERS[pre]()
         tokenizer.decoder = decoders.ByteLevel()
-        token_types = self.metadata("tokenizer.ggml.token_type") or []
-        control = int(gguf.TokenType.CONTROL)
+        control, user_defined = int(gguf.TokenType.CONTROL), int(gguf.TokenType.USER_DEFINED)
         tokenizer.add_special_tokens(
             [tokenizers.AddedToken(token, special=True, normalized=False)
-             for token, kind in zip(tokens, token_types) if kind == control])
+             for token, kind in zip(tokens, token_types) if kind == control and set(token) <= alphabet])
+        tokenizer.add_tokens(
+            [tokenizers.AddedToken(token, special=False, normalized=False)
+             for token, kind in zip(tokens, token_types) if kind == user_defined])
         return tokenizer
 
 
-# llama.cpp's pre-tokenizer names, as the Hugging Face pre-tokenizers they stand for.
-_PRE_TOKENIZERS = {
+def _byte_alphabet() -> dict[int, str]:
+    """GPT-2's printable spelling of the 256 byte values, in which byte-level vocabularies are written."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    spelling, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            spelling[byte] = chr(byte)
+        else:
+            spelling[byte] = chr(256 + extra)
+            extra += 1
+    return spelling
+
+
+def _split_then_bytes(pattern: str):
+    """Split the text with `pattern` (llama.cpp's regex for this vocabulary), then byte-level."""
+    return lambda: pre_tokenizers.Sequence([
+        pre_tokenizers.Split(tokenizers.Regex(pattern), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+
+
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+# llama.cpp's pre-tokenizer names (`tokenizer.ggml.pre`) of the llama and qwen2 families, as Hugging Face
+# pre-tokenizers.
+PRE_TOKENIZERS = {
     "default": lambda: pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
     "gpt-2": lambda: pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
     # SmolLM: every digit its own pre-token, then GPT-2's byte-level split.
@@ -147,6 +191,8 @@ _PRE_TOKENIZERS = {
         pre_tokenizers.Digits(individual_digits=True),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
     ]),
+    "qwen2": _split_then_bytes(_QWEN2_SPLIT),
+    "llama-bpe": _split_then_bytes(_LLAMA3_SPLIT),
 }
 
 

@@ -8,6 +8,8 @@ passes it in `ignore_fields` (`--ignore-config-field` on the command line).
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any, Callable
 
 from conversion import tables
@@ -169,6 +171,7 @@ def config_from_hf(
     mask_token_id: int | None = None,
     ignore_fields: tuple[str, ...] = (),
     source: str = "config.json",
+    tokenizer_vocabulary: int | None = None,
 ) -> tuple[ModelConfig, FamilyNames]:
     """The model configuration and checkpoint names for a Hugging Face config.
 
@@ -179,7 +182,11 @@ def config_from_hf(
         an ARM.
       mask_token_id: overrides the config's mask token (or supplies one it lacks).
       ignore_fields: config fields the user declares irrelevant to the computation.
+      tokenizer_vocabulary: the size of the checkpoint's tokenizer, if it has one.
     """
+    if not isinstance(raw, dict):
+        raise ConversionError(f"cannot convert {source}: a config.json must hold a JSON object, not "
+                              f"{type(raw).__name__}")
     model_type = raw.get("model_type")
     families = {"qwen2": (_qwen2_shape, "arm"), "llama": (_llama_shape, "arm"),
                 "dream": (_qwen2_shape, "shifted_mdm"), "llada": (_llada_shape, "unshifted_mdm")}
@@ -193,7 +200,8 @@ def config_from_hf(
     reader = _Reader(raw, source, metadata, ignore_fields)
     fields = shape_of(reader) | resolve_conventions(
         family=family, native=native, mdm=mdm, mask_token_id=mask_token_id,
-        config_mask_token_id=reader.get("mask_token_id", None), problems=reader.problems)
+        config_mask_token_id=reader.get("mask_token_id", None), problems=reader.problems,
+        tokenizer_vocabulary=tokenizer_vocabulary)
     is_causal = reader.get("is_causal", None)
     if is_causal is not None and is_causal != (fields["attention"] == "causal"):
         reader.problems.append(
@@ -205,3 +213,14 @@ def config_from_hf(
     except ConfigError as error:
         raise ConversionError(f"cannot convert {source}: {error}") from error
     return config, tables.LLADA if family == "llada" else tables.HUGGING_FACE
+
+
+def read_config(path: str | Path) -> dict:
+    """A config.json's contents, refused clearly when it is not a JSON object."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConversionError(f"{path} is not JSON ({error}); a Hugging Face config.json is a JSON object") from error
+    if not isinstance(raw, dict):
+        raise ConversionError(f"{path} holds {type(raw).__name__}, not a JSON object; is it a config.json?")
+    return raw

@@ -65,13 +65,18 @@ def _read_header(path: Path, problems: list[str]) -> dict[str, _TensorLocation]:
         return {}
     header.pop("__metadata__", None)
     data_start, data_size = 8 + header_size, size - 8 - header_size
-    tensors = {}
+    tensors, spans = {}, []
     for name, info in header.items():
         try:
             dtype_name, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
         except (TypeError, KeyError, ValueError):
             problems.append(f"{path.name}: tensor {name} has a malformed header entry {info!r}")
             continue
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (begin, end, *shape)):
+            problems.append(f"{path.name}: tensor {name} has negative or non-integer offsets or shape "
+                            f"({info['data_offsets']}, {info['shape']}); the file is damaged")
+            continue
+        spans.append((begin, end, name))
         dtype = _DTYPES.get(dtype_name)
         if dtype is None:
             problems.append(f"{path.name}: tensor {name} has unsupported dtype {dtype_name!r}")
@@ -86,6 +91,19 @@ def _read_header(path: Path, problems: list[str]) -> dict[str, _TensorLocation]:
                 f"only {data_size} bytes); the file was cut short, download it again")
             continue
         tensors[name] = _TensorLocation(path, dtype, shape, data_start + begin)
+    # As the safetensors library requires: the tensors tile the data section, without gaps or overlaps.
+    position = 0
+    for begin, end, name in sorted(spans):
+        if begin != position:
+            problems.append(f"{path.name}: tensor {name} starts at byte {begin} of the data, where the previous "
+                            f"tensor ended at {position}: " + ("two tensors overlap" if begin < position else
+                                                               "the data has a gap") + "; the file is damaged")
+            break
+        position = end
+    else:
+        if spans and position != data_size:
+            problems.append(f"{path.name}: the tensors end at byte {position} of a data section of {data_size} "
+                            f"bytes; the file is damaged")
     return tensors
 
 

@@ -81,17 +81,25 @@ def test_llada_checkpoint_matches_bidirectional_llama(tmp_path):
 
 
 def test_llama_checkpoint_is_an_arm_unless_declared_an_mdm(tmp_path):
-    torch_model = tiny_torch_model("llama", 4, vocab_size=1024)  # room for DiffuLLaMA's mask id
+    torch_model = tiny_torch_model("llama", 4, vocab_size=32_000)  # LLaMA-2's vocabulary size
     directory = save_hf(torch_model, tmp_path)
     arm = convert(directory).model
     assert arm.config.attention == "causal" and arm.config.mask_token_id is None
     _assert_matches(arm, torch_model, bidirectional=False)
+    # DiffuLLaMA's mask token is LLaMA-2's token 811: assumed only where the tokenizer has LLaMA-2's size.
+    with pytest.raises(ConversionError, match=r"tokenizer is missing; pass the mask token \(--mask-token-id N\)"):
+        convert(directory, mdm=True)
+    import tokenizers
+    from tokenizers import models
+
+    tokenizers.Tokenizer(models.WordLevel({f"w{i}": i for i in range(32_000)}, unk_token="w0")).save(
+        str(directory / "tokenizer.json"))
     diffullama = convert(directory, mdm=True).model.config
     assert diffullama.attention == "bidirectional" and diffullama.logit_shift
     assert diffullama.mask_token_id == DIFFULLAMA_MASK_TOKEN_ID
     assert convert(directory, mdm=True, mask_token_id=3).model.config.mask_token_id == 3
-    with pytest.raises(ConversionError, match=r"mask_token_id must be a token id in \[0, vocab_size=1024\)"):
-        convert(directory, mdm=True, mask_token_id=5000)
+    with pytest.raises(ConversionError, match=r"mask_token_id must be a token id in \[0, vocab_size=32000\)"):
+        convert(directory, mdm=True, mask_token_id=50_000)
 
 
 def test_sharded_bfloat16_checkpoint_stays_bfloat16(tmp_path):
@@ -255,7 +263,8 @@ CONFIGS = Path(__file__).parent / "data" / "configs"
     ("llada-8b-base.json", None, "llada-8b"),
 ])
 def test_released_configs_read_as_the_presets(file, mdm, preset):
-    config, _ = config_from_hf(json.loads((CONFIGS / file).read_text()), mdm=mdm)
+    # DiffuLLaMA ships LLaMA-2's tokenizer (32,000 tokens), which confirms its mask token 811.
+    config, _ = config_from_hf(json.loads((CONFIGS / file).read_text()), mdm=mdm, tokenizer_vocabulary=32_000)
     assert config == PRESETS[preset]
 
 

@@ -124,3 +124,81 @@ def test_unsupported_gguf_architecture(tmp_path):
     writer.close()
     with pytest.raises(ConversionError, match="architecture 'mamba' is not supported"):
         convert(tmp_path / "other.gguf")
+
+
+def _byte_level_vocabulary():
+    """A byte-level BPE vocabulary in GPT-2's spelling: the 256 bytes, some merges, a control token and a
+    user-defined one (as Qwen2.5's `<tool_call>`)."""
+    from conversion.gguf_files import _byte_alphabet
+
+    spelling = _byte_alphabet()
+    tokens = [spelling[byte] for byte in range(256)]
+    merges = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a", "r e", "o n", "Ġ w", "e r", "1 2", "' s", "Ġ 1", "o r"]
+    for merge in merges:
+        tokens.append(merge.replace(" ", ""))
+    types = [int(gguf.TokenType.NORMAL)] * len(tokens)
+    tokens += ["<|endoftext|>", "<tool_call>"]
+    types += [int(gguf.TokenType.CONTROL), int(gguf.TokenType.USER_DEFINED)]
+    return tokens, merges, types
+
+
+TOKENIZER_TEXTS = ["The weather in 1234 is nice, isn't it?", "the  tower's  there\n\nwere 12 or 123456 rooms",
+                   "Hello<tool_call>{\"a\": 1}</tool_call><|endoftext|>", "  leading spaces\tand\ttabs  ",
+                   "Ünïcödé wörds and 99 balloons"]
+
+
+@pytest.mark.parametrize("pre", ["default", "gpt-2", "smollm", "qwen2", "llama-bpe"])
+def test_gguf_byte_level_tokenizers_match_transformers(tmp_path, pre):
+    """Every pre-tokenizer of the llama and qwen2 families is rebuilt as transformers rebuilds it from the
+    same GGUF, control and user-defined tokens kept whole (SmolLM's digit split is llama.cpp's: transformers
+    does not split digits for it, so its texts are compared without digits)."""
+    from transformers import AutoTokenizer
+
+    from conversion.gguf_files import GGUFCheckpoint
+
+    tokens, merges, types = _byte_level_vocabulary()
+
+    def tokenizer_metadata(writer):
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(pre)
+        writer.add_token_list(tokens)
+        writer.add_token_merges(merges)
+        writer.add_token_types(types)
+        writer.add_eos_token_id(len(tokens) - 2)
+
+    path = write_gguf(tiny_torch_model("qwen2", 2, **SHAPE), tmp_path / "tiny.gguf", "qwen2",
+                      extra_metadata=tokenizer_metadata)
+    ours = GGUFCheckpoint(path).tokenizer()
+    reference = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    texts = [t for t in TOKENIZER_TEXTS if pre != "smollm" or not any(c.isdigit() for c in t)]
+    for text in texts:
+        assert ours.encode(text).ids == reference(text, add_special_tokens=False)["input_ids"], text
+        assert ours.decode(ours.encode(text).ids, skip_special_tokens=False) == text
+    assert ours.encode("a<tool_call>b").tokens[1] == "<tool_call>"  # a user-defined token stays whole
+    if pre == "smollm":
+        assert ours.encode("12").ids == [ours.token_to_id("1"), ours.token_to_id("2")]  # digits one by one
+
+
+@pytest.mark.parametrize("kind, pre, named", [("llama", "default", "'llama' (SentencePiece)"),
+                                              ("gpt2", "deepseek-coder", "pre-tokenizer 'deepseek-coder'")])
+def test_a_gguf_tokenizer_that_cannot_be_rebuilt_is_named(tmp_path, capsys, kind, pre, named):
+    from mdm_circuits.cli import main
+
+    tokens, merges, types = _byte_level_vocabulary()
+
+    def tokenizer_metadata(writer):
+        writer.add_tokenizer_model(kind)
+        writer.add_tokenizer_pre(pre)
+        writer.add_token_list(tokens)
+        writer.add_token_merges(merges)
+        writer.add_token_types(types)
+
+    path = write_gguf(tiny_torch_model("qwen2", 2, **SHAPE), tmp_path / "tiny.gguf", "qwen2",
+                      extra_metadata=tokenizer_metadata)
+    with pytest.warns(UserWarning, match="converted without a tokenizer"):
+        converted = convert(path)
+    assert converted.tokenizer is None and named in converted.tokenizer_problem
+    with pytest.warns(UserWarning):
+        main(["convert", str(path), str(tmp_path / "out")])
+    printed = capsys.readouterr().out
+    assert named in printed and "the source holds no tokenizer" not in printed
