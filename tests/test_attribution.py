@@ -169,8 +169,9 @@ def test_eap_ig_inputs_equals_the_edge_weight_derivative_along_the_path(attentio
     config = CONFIG.replace(attention=attention, logit_shift=shift, mask_token_id=None if shift else 39)
     model = random_model(config, 5)
     examples = random_examples(config, 3, 5, min_length=5, max_length=8)
-    if not shift:  # an unshifted model reads the answer at its own (last) position
-        examples = [dataclasses.replace(e, answer_positions=[len(e.clean) - 1]) for e in examples]
+    if not shift:  # an unshifted MDM reads the answer at its own (last, masked) position
+        examples = [dataclasses.replace(e, clean=[*e.clean[:-1], 39], corrupted=[*e.corrupted[:-1], 39],
+                                        answer_positions=[len(e.clean) - 1]) for e in examples]
     batch = collate(examples)
     steps = 3
 

@@ -172,10 +172,12 @@ def test_pool_writes_pairs_of_views(tmp_path, capsys):
 
 
 def test_a_user_error_is_one_line_without_a_traceback_unless_debugging(tmp_path, capsys):
-    printed = refused(capsys, ["find-circuit", str(tmp_path / "nothing")])
+    arguments = ["find-circuit", str(tmp_path / "nothing"), "--out", str(tmp_path / "out")]
+    printed = refused(capsys, arguments)
     assert printed.count("\n") == 1 and "does not hold a saved mdm_circuits model" in printed
+    assert not (tmp_path / "out").exists()
     with pytest.raises(CheckpointError, match="does not hold a saved mdm_circuits model"):
-        main(["find-circuit", str(tmp_path / "nothing"), "--debug"])
+        main([*arguments, "--debug"])
 
 
 def test_a_second_run_compiles_nothing_new(tmp_path):

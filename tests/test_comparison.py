@@ -16,10 +16,11 @@ from mdm_circuits.cli import main
 from mdm_circuits.comparison import Settings, compare
 from mdm_circuits.comparison.findings import CANNOT_TELL, CONTRADICTS, SUPPORTS
 from mdm_circuits.comparison.progress import Reporter
-from mdm_circuits.comparison.store import Store
+from mdm_circuits.comparison.run import OUTPUTS
 from mdm_circuits.errors import UsageError
 from mdm_circuits.model import checkpoint
 from mdm_circuits.model.transformer import with_config
+from mdm_circuits.outputs import RunDirectory
 
 SMALL = dict(tasks=("ioi", "countdown"), pool=8, budget=100, steps=2, bootstrap=20, null_draws=20, splits=4,
              causal_draws=2)
@@ -99,12 +100,12 @@ def test_other_settings_never_mix_with_a_finished_run(finished, tmp_path):
         compare(Settings(**SMALL | {"pool": 10}), copy)
     assert sorted(path.relative_to(copy) for path in copy.rglob("*")) == before
     # A fresh start removes what the earlier run wrote, and only that.
-    store = Store(copy, Settings(**SMALL | {"pool": 10}), fresh=True)
+    store = RunDirectory(copy, Settings(**SMALL | {"pool": 10}).to_dict(), owned=OUTPUTS, fresh=True)
     assert (copy / "notes.txt").read_text() == "mine"
-    assert not (copy / "report.md").exists() and not any((copy / "stages").iterdir())
+    assert not (copy / "report.md").exists() and not (copy / "stages").exists()
     assert store.load("pool-ioi") is None
     # A stage file stamped with other settings is never read as this run's.
-    assert Store(finished, Settings(**SMALL)).load("pool-ioi") is not None
+    assert RunDirectory(finished, Settings(**SMALL).to_dict()).load("pool-ioi") is not None
 
 
 @pytest.mark.smollm2

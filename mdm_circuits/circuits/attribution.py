@@ -23,6 +23,8 @@ float32, so `per_example_dtype` can store them in bfloat16 (sums are still taken
 from __future__ import annotations
 
 import functools
+import hashlib
+from pathlib import Path
 from typing import Callable, Literal, Sequence
 
 import jax
@@ -194,6 +196,14 @@ def _activation_integrals(model, metric, batch, clean, ablated, clean_logits, cl
         jnp.moveaxis(per_group, 1, 0))
 
 
+def _run_key(models, batch, settings: tuple) -> str:
+    """What a saved partial run must match: the settings, the examples, and a sample of every parameter."""
+    digest = hashlib.sha256(repr((settings, models.configs)).encode())
+    for leaf in jax.tree.leaves(batch) + jax.tree.leaves(models.tree):
+        digest.update(np.asarray(jnp.ravel(leaf)[:4096]).tobytes())
+    return digest.hexdigest()
+
+
 def attribute(
     models: Transformer | ModelStack,
     batch: Batch | Sequence[Batch],
@@ -208,6 +218,7 @@ def attribute(
     per_example: bool = False,
     per_example_dtype: jnp.dtype = jnp.float32,
     progress: Progress | None = None,
+    resume: str | Path | None = None,
 ) -> Scores | list[Scores]:
     """Score every edge of the model's EAP-IG graph for a task.
 
@@ -232,6 +243,8 @@ def attribute(
         program; their mean over examples is `Scores.matrix` (see the module doc for their memory).
       per_example_dtype: the dtype the per-example scores are stored in (bfloat16 halves their memory).
       progress: called with (examples done, examples in all).
+      resume: a file where the running sums are saved after every batch: a run killed part way continues
+        from it (if the models, examples and settings are the same) and ends with the same scores.
     """
     if method == "exact":
         if per_example:
@@ -255,8 +268,12 @@ def attribute(
         _attribute_batch, chosen.tree, model_axis=chosen.axis, metric=metric, method=method, steps=steps,
         step_chunk=step_chunk, aggregation=aggregation, per_example=per_example,
         rows_dtype=jnp.dtype(per_example_dtype))
+    key = None if resume is None else _run_key(chosen, batch, (method, steps, aggregation, ablation.kind, ablation.seed,
+                                                              batch_size, step_chunk, per_example,
+                                                              jnp.dtype(per_example_dtype).name, metric.name))
     totals = over_batches(chosen, batch, batch_size, ablation,
-                          lambda part, weights, partners: program(part, weights, partners, ablation), progress)
+                          lambda part, weights, partners: program(part, weights, partners, ablation), progress,
+                          None if resume is None else (Path(resume), key))
     graph = Graph.for_model(chosen.configs[0])
     results = []
     for index in range(chosen.size):

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
+from pathlib import Path
 from typing import Callable, Sequence
 
 import jax
@@ -23,6 +25,7 @@ from mdm_circuits.circuits.interventions import run
 from mdm_circuits.errors import AttributionError, BatchError
 from mdm_circuits.model.config import ModelConfig
 from mdm_circuits.model.transformer import ModelStack, Transformer
+from mdm_circuits.outputs import write_atomically
 from mdm_circuits.tasks.batch import Batch, stack_batches
 
 Progress = Callable[[int, int], None]
@@ -151,21 +154,52 @@ class Totals:
     corrupted_metric: np.ndarray
 
 
+class _Resumable:
+    """The running sums of `over_batches`, saved after every slice to `path` (atomically) under `key`, so that
+    a killed run continues where it stopped and ends with the same sums."""
+
+    def __init__(self, path: Path, key: str):
+        self.path, self.key = Path(path), key
+
+    def load(self) -> tuple[int, float | np.ndarray, list, list, list]:
+        if not self.path.exists():
+            return 0, 0.0, [], [], []
+        with np.load(self.path) as saved:
+            if str(saved["key"]) != self.key:
+                raise AttributionError(f"{self.path} holds the progress of another run (other models, examples or "
+                                       f"settings); remove it to start again")
+            rows = [saved["rows"]] if "rows" in saved.files else []
+            return (int(saved["done"]), saved["total"], rows, [saved["clean"]], [saved["corrupted"]])
+
+    def save(self, done: int, total, rows: list, clean: list, corrupted: list) -> None:
+        arrays = {"key": np.array(self.key), "done": np.array(done), "total": np.asarray(total),
+                  "clean": np.concatenate(clean, axis=1), "corrupted": np.concatenate(corrupted, axis=1)}
+        if rows:
+            arrays["rows"] = np.concatenate(rows, axis=1)
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        write_atomically(self.path, buffer.getvalue())
+
+
 def over_batches(models: Models, batch: Batch, batch_size: int, ablation: Ablation, program: Callable,
-                 progress: Progress | None = None) -> Totals:
+                 progress: Progress | None = None, resume: tuple[Path, str] | None = None) -> Totals:
     """Run `program(part, weights, partners)` over the dataset (`[M, B, ...]`) in slices of `batch_size`.
 
     The program returns, for every model: a sum over the slice's examples weighted by `weights` (0 for
     padding copies), per-example rows or None, and the clean and the corrupted metric per example. Sums are
     added up over the slices and divided by the number of examples; non-finite metrics are refused, naming
-    the model and the examples.
+    the model and the examples. With `resume` = (file, key), the sums are saved after every slice and a
+    rerun under the same key continues from them; the file is removed when the run is complete.
     """
     if batch_size < 1:
         raise AttributionError(f"batch_size must be positive, got {batch_size}")
     size = batch.clean.shape[1]
     partner_index = ablation.partners(size)
-    total, rows, clean, corrupted = 0.0, [], [], []
+    saved = None if resume is None else _Resumable(*resume)
+    done, total, rows, clean, corrupted = (0, 0.0, [], [], []) if saved is None else saved.load()
     for start, part in _slices(batch, batch_size):
+        if start < done:
+            continue
         n = min(batch_size, size - start)
         partners = None
         if partner_index is not None:
@@ -181,8 +215,12 @@ def over_batches(models: Models, batch: Batch, batch_size: int, ablation: Ablati
             rows.append(np.asarray(per_example[:, :n]))
         clean.append(np.asarray(clean_metric[:, :n], np.float64))
         corrupted.append(np.asarray(corrupted_metric[:, :n], np.float64))
+        if saved is not None:
+            saved.save(start + n, total, rows, clean, corrupted)
         if progress is not None:
             progress(start + n, size)
+    if saved is not None:
+        saved.path.unlink(missing_ok=True)
     return Totals(total / size, np.concatenate(rows, axis=1) if rows else None,
                   np.concatenate(clean, axis=1).mean(axis=1), np.concatenate(corrupted, axis=1).mean(axis=1))
 

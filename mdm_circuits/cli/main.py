@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from conversion import config_from_hf, convert
+from conversion.hf_configs import read_config
 from mdm_circuits import organisms
 from mdm_circuits.circuits.attribution import attribute
 from mdm_circuits.circuits.evaluation import faithfulness_curve, smallest_faithful
@@ -31,12 +32,14 @@ from mdm_circuits.model.planning import plan
 from mdm_circuits.model.presets import PRESETS
 from mdm_circuits.model.transformer import with_config
 from mdm_circuits.organisms import recipe
+from mdm_circuits.outputs import RunDirectory
 from mdm_circuits.tasks import TASKS
 from mdm_circuits.tasks.batch import collate
 from mdm_circuits.tasks.views import View
 
 
 def _convert(args: argparse.Namespace) -> None:
+    checkpoint.check_destination(args.destination)
     print(f"converting {args.source}", flush=True)
     start = time.perf_counter()
 
@@ -55,7 +58,8 @@ def _convert(args: argparse.Namespace) -> None:
           f"{jnp.dtype(converted.model.embedding.dtype).name}")
     checkpoint.save(args.destination, converted.model, converted.tokenizer)
     print(f"saved to {args.destination} in {time.perf_counter() - converted_at:.1f} s"
-          + ("" if converted.tokenizer else " (no tokenizer found in the source)"))
+          + ("" if converted.tokenizer else f" without a tokenizer: {converted.tokenizer_problem}"
+             if converted.tokenizer_problem else " (the source holds no tokenizer)"))
 
 
 def _mask_token_id(args: argparse.Namespace, config: ModelConfig, tokenizer) -> int:
@@ -73,7 +77,7 @@ def _mask_token_id(args: argparse.Namespace, config: ModelConfig, tokenizer) -> 
 
 def _predict(args: argparse.Namespace) -> None:
     start = time.perf_counter()
-    model = checkpoint.load(args.model)
+    model = checkpoint.load(args.model, verify=not args.no_verify)
     tokenizer = checkpoint.load_tokenizer(args.model)
     if tokenizer is None:
         raise UsageError(f"{args.model} has no tokenizer.json; convert from a source that has one")
@@ -108,11 +112,13 @@ def _predict(args: argparse.Namespace) -> None:
 
 
 def _plan(args: argparse.Namespace) -> None:
+    saved = args.model not in PRESETS and (Path(args.model) / checkpoint.MANIFEST).exists()
     if args.model in PRESETS:
         config = PRESETS[args.model]
     else:
         config = _config_from_path(Path(args.model), args.ignore_config_field)
-    dtype = jnp.dtype(args.dtype)
+    # A saved model is planned in the dtype it was saved in, anything else in bfloat16, unless told.
+    dtype = jnp.dtype(args.dtype or (checkpoint.read_manifest(args.model)[1] if saved else "bfloat16"))
     print(f"compiling a {args.mode} pass of batch {args.batch} x {args.seq_len} tokens, {dtype.name} "
           f"parameters, without allocating them ...", flush=True)
     result = plan(config, batch=args.batch, seq_len=args.seq_len, dtype=dtype, mode=args.mode)
@@ -136,8 +142,16 @@ def _progress(what: str):
     return report
 
 
+FIND_CIRCUIT_OUTPUTS = ("scores.json", "curve.json", "circuit.json", "attribution-progress.npz")
+
+
 def _find_circuit(args: argparse.Namespace) -> None:
-    model = checkpoint.load(args.model)
+    settings = {"model": str(Path(args.model).absolute()), "task": args.task, "n": args.n, "seed": args.seed,
+                "max_length": args.max_length, "method": args.method, "steps": args.steps,
+                "batch_size": args.batch_size, "ks": list(args.ks), "tau": args.tau}
+    checkpoint.read_manifest(args.model)  # a wrong path is refused before the output directory is made
+    out = RunDirectory(args.out, settings, owned=FIND_CIRCUIT_OUTPUTS, fresh=args.fresh)
+    model = checkpoint.load(args.model, verify=not args.no_verify)
     tokenizer = checkpoint.load_tokenizer(args.model)
     if tokenizer is None:
         raise UsageError(f"{args.model} has no tokenizer.json; the task needs one to build its prompts")
@@ -151,12 +165,11 @@ def _find_circuit(args: argparse.Namespace) -> None:
           f"{args.method}" + ("" if args.method in ("eap", "exact") else f", {args.steps} steps"), flush=True)
     start = time.perf_counter()
     scores = attribute(model, batch, task.METRIC, method=args.method, steps=args.steps,
-                       batch_size=args.batch_size, progress=_progress("attributed"))
+                       batch_size=args.batch_size, progress=_progress("attributed"),
+                       resume=None if args.method == "exact" else out.path("attribution-progress.npz"))
     print(f"attributed in {time.perf_counter() - start:.1f} s; {task.METRIC.name}: clean {scores.clean_metric:.3f}, "
-          f"corrupted {scores.corrupted_metric:.3f}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    scores.to_json(out / "scores.json")
+          f"corrupted {scores.corrupted_metric:.3f}", flush=True)
+    out.write("scores.json", graph.json(scores.matrix))
     importance = scores.node_importance()
     heads = sorted((i for i, node in enumerate(graph.sources) if node.kind == NodeKind.HEAD),
                    key=lambda i: -importance[i])[: args.top_heads]
@@ -169,26 +182,26 @@ def _find_circuit(args: argparse.Namespace) -> None:
           f"fully ablated {curve.evaluation.ablated_metric:.3f}):")
     for k, value in zip(curve.ks, curve.faithfulness):
         print(f"  K = {k:>7,}  {value:7.3f}")
-    (out / "curve.json").write_text(json.dumps({"ks": curve.ks.tolist(), "faithfulness": curve.faithfulness.tolist(),
-                                                "clean_metric": curve.evaluation.clean_metric,
-                                                "ablated_metric": curve.evaluation.ablated_metric}, indent=1))
+    out.write("curve.json", json.dumps({"ks": curve.ks.tolist(), "faithfulness": curve.faithfulness.tolist(),
+                                        "clean_metric": curve.evaluation.clean_metric,
+                                        "ablated_metric": curve.evaluation.ablated_metric}, indent=1))
     if args.tau is not None:
         k, circuit, value = smallest_faithful(model, batch, scores, task.METRIC, args.tau,
                                               batch_size=args.batch_size)
-        graph.to_json(out / "circuit.json", scores.matrix, circuit)
+        out.write("circuit.json", graph.json(scores.matrix, circuit))
         print(f"smallest top-K circuit reaching faithfulness {args.tau}: K = {k:,} ({value:.3f})")
-    print(f"wrote {', '.join(sorted(p.name for p in out.glob('*.json')))} to {out}")
+    print(f"wrote {', '.join(name for name in FIND_CIRCUIT_OUTPUTS if out.path(name).exists())} to {args.out}")
 
 
-def _load_with_tokenizer(directory: str):
-    model, tokenizer = checkpoint.load(directory), checkpoint.load_tokenizer(directory)
+def _load_with_tokenizer(directory: str, verify: bool = True):
+    model, tokenizer = checkpoint.load(directory, verify=verify), checkpoint.load_tokenizer(directory)
     if tokenizer is None:
         raise UsageError(f"{directory} has no tokenizer.json; convert from a source that has one")
     return model, tokenizer
 
 
 def _generate(args: argparse.Namespace) -> None:
-    model, tokenizer = _load_with_tokenizer(args.model)
+    model, tokenizer = _load_with_tokenizer(args.model, verify=not args.no_verify)
     config = model.config
     prompt = tokenizer.encode(args.prompt).ids
     if not prompt:
@@ -210,8 +223,8 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _pool(args: argparse.Namespace) -> None:
-    arm, tokenizer = _load_with_tokenizer(args.arm)
-    mdm = checkpoint.load(args.mdm)
+    arm, tokenizer = _load_with_tokenizer(args.arm, verify=not args.no_verify)
+    mdm = checkpoint.load(args.mdm, verify=not args.no_verify)
     if arm.config.attention != "causal" or not mdm.config.is_mdm:
         raise UsageError("the first model must be an ARM (causal) and the second an MDM (mask token)")
     task = TASKS[args.task]
@@ -252,8 +265,7 @@ def _config_from_path(path: Path, ignore_fields: list[str]) -> ModelConfig:
     config_file = path / "config.json" if path.is_dir() else path
     if not config_file.exists():
         raise UsageError(f"{path} is neither a preset, a saved model nor a Hugging Face config.json")
-    return config_from_hf(json.loads(config_file.read_text()), source=str(config_file),
-                          ignore_fields=tuple(ignore_fields))[0]
+    return config_from_hf(read_config(config_file), source=str(config_file), ignore_fields=tuple(ignore_fields))[0]
 
 
 def _positive(text: str) -> int:
@@ -290,6 +302,8 @@ def _use_compilation_cache(directory: str | None) -> None:
 def _common_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    common.add_argument("--no-verify", action="store_true",
+                        help="load saved models without checking their checksum (saves one read of the weights)")
     cache = common.add_mutually_exclusive_group()
     cache.add_argument("--compilation-cache", default=_default_cache(), metavar="DIR",
                        help="directory of compiled programs kept between runs (default: %(default)s; "
@@ -334,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("model", help=f"a preset ({', '.join(PRESETS)}), a saved model or a config.json")
     plan.add_argument("--batch", type=int, default=8)
     plan.add_argument("--seq-len", type=int, default=128)
-    plan.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    plan.add_argument("--dtype", choices=["float32", "bfloat16"],
+                      help="parameter dtype (default: a saved model's own, else bfloat16)")
     plan.add_argument("--mode", default="forward", choices=["forward", "gradient"],
                       help="gradient: forward + backward to the input embeddings, as attribution runs")
     plan.add_argument("--ignore-config-field", action="append", default=[], metavar="FIELD",
@@ -356,7 +371,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="comma-separated circuit sizes to evaluate (default 10,100,1000,10000)")
     find.add_argument("--tau", type=float, help="also find the smallest top-K circuit reaching this faithfulness")
     find.add_argument("--top-heads", type=_positive, default=10)
-    find.add_argument("--out", default="out/circuit", help="directory for scores.json, curve.json, circuit.json")
+    find.add_argument("--out", default="out/circuit", help="directory for scores.json, curve.json, circuit.json "
+                                                           "(a rerun with the same settings resumes there)")
+    find.add_argument("--fresh", action="store_true",
+                      help="delete the results of a run with other settings in --out and start again")
     find.set_defaults(run=_find_circuit)
 
     generate = commands.add_parser("generate", parents=[common],

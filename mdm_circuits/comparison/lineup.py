@@ -106,6 +106,11 @@ def load(settings: Settings) -> Lineup:
         raise UsageError("the MDM has no mask token; for DiffuLLaMA pass --mdm-kind diffullama, or convert it "
                          "with `mdm-circuits convert --mdm`")
     for member in members:
+        shape = (member.model.config.n_layers, member.model.config.n_heads)
+        if shape != (arm.n_layers, arm.n_heads):
+            raise UsageError(f"{member.name} has {shape[0]} layers of {shape[1]} heads, the ARM {arm.n_layers} of "
+                             f"{arm.n_heads}: circuits are compared edge by edge, so every model must have the "
+                             f"ARM's graph (an MDM post-trained from it does)")
         if member.model.config.vocab_size != arm.vocab_size:
             raise UsageError(f"{member.name} has a vocabulary of {member.model.config.vocab_size} tokens, the ARM "
                              f"{arm.vocab_size}: the models of a comparison must share the ARM's tokenizer")

@@ -17,8 +17,11 @@ from mdm_circuits.circuits.graph import Graph
 from mdm_circuits.comparison import findings, lineup, stages
 from mdm_circuits.comparison.progress import Reporter
 from mdm_circuits.comparison.settings import Settings
-from mdm_circuits.comparison.store import Store
+from mdm_circuits.outputs import RunDirectory
 from mdm_circuits.report import compose
+
+# What a comparison writes besides its settings and stages (what --fresh removes).
+OUTPUTS = ("report.md", "report.html", "summary.json", "timings.json", "figures", "circuits", "scores")
 
 
 class _Timed:
@@ -39,7 +42,7 @@ def compare(settings: Settings, directory: str | Path, *, fresh: bool = False, r
             ) -> dict:
     """Run (or resume) the comparison into `directory` and return its summary (also `summary.json`)."""
     reporter = reporter or Reporter()
-    store = Store(directory, settings, fresh=fresh)
+    store = RunDirectory(directory, settings.to_dict(), owned=OUTPUTS, fresh=fresh)
     timed = _Timed(reporter)
     reporter.begin("loading the models")
     models = timed("loading the models", lineup.load, settings)

@@ -1,14 +1,13 @@
 """What a comparison run is: the models, the tasks and every protocol choice, as one frozen value.
 
 A run's output directory records its settings (`settings.json`); every file a stage writes carries their
-fingerprint, so a rerun with the same settings resumes and a rerun with other settings never mixes with
-what is there.
+fingerprint (`mdm_circuits.outputs`), so a rerun with the same settings resumes and a rerun with other
+settings never mixes with what is there.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from typing import Literal
 
@@ -103,11 +102,3 @@ class Settings:
         data["tasks"] = tuple(data.get("tasks", ()))
         data["ks"] = tuple(data.get("ks", ()))
         return cls(**data)
-
-    @property
-    def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
-
-    def differences(self, other: Settings) -> list[str]:
-        mine, theirs = self.to_dict(), other.to_dict()
-        return [f"{name}: {theirs[name]!r} -> {mine[name]!r}" for name in mine if mine[name] != theirs[name]]

@@ -24,11 +24,11 @@ from mdm_circuits.circuits.patching import ablate_node_sets
 from mdm_circuits.comparison.lineup import Lineup, Member
 from mdm_circuits.comparison.progress import Reporter
 from mdm_circuits.comparison.settings import Settings
-from mdm_circuits.comparison.store import Store
 from mdm_circuits.decoding.accuracy import common_correct_pool, solved
 from mdm_circuits.decoding.denoising import denoising_steps
 from mdm_circuits.errors import UsageError
 from mdm_circuits.model.transformer import stack
+from mdm_circuits.outputs import RunDirectory
 from mdm_circuits.tasks import TASKS
 from mdm_circuits.tasks.batch import Example, collate
 from mdm_circuits.tasks.views import View
@@ -48,7 +48,7 @@ class Posed:
 # ---- pool ----
 
 
-def pool(store: Store, lineup: Lineup, task: str, settings: Settings, reporter: Reporter) -> dict:
+def pool(store: RunDirectory, lineup: Lineup, task: str, settings: Settings, reporter: Reporter) -> dict:
     done = store.load(f"pool-{task}")
     if done is not None:
         return done
@@ -162,7 +162,7 @@ def _rows(lineup: Lineup, examples: dict[str, Posed], settings: Settings, task: 
     return rows, [r.clean_metric for r in results], [r.corrupted_metric for r in results]
 
 
-def scores(store: Store, lineup: Lineup, drawn: dict, task: str, settings: Settings, reporter: Reporter):
+def scores(store: RunDirectory, lineup: Lineup, drawn: dict, task: str, settings: Settings, reporter: Reporter):
     """(member names, per-question rows, the stage's data)."""
     done = store.load(f"scores-{task}")
     if done is None:
@@ -190,7 +190,7 @@ def _interval(point, replicates: np.ndarray) -> dict:
     return {"point": float(point), "low": float(low), "high": float(high)}
 
 
-def structure_stage(store: Store, task: str, graph: Graph, names: list[str], rows: list[np.ndarray],
+def structure_stage(store: RunDirectory, task: str, graph: Graph, names: list[str], rows: list[np.ndarray],
                     settings: Settings, reporter: Reporter) -> dict:
     done = store.load(f"structure-{task}")
     if done is not None:
@@ -258,7 +258,7 @@ def _decoded(tokenizer, tokens) -> list[str]:
     return [tokenizer.decode([int(t)], skip_special_tokens=False) for t in tokens]
 
 
-def semantics_stage(store: Store, lineup: Lineup, drawn: dict, task: str, graph: Graph, found: dict,
+def semantics_stage(store: RunDirectory, lineup: Lineup, drawn: dict, task: str, graph: Graph, found: dict,
                     settings: Settings, reporter: Reporter) -> dict:
     done = store.load(f"semantics-{task}")
     if done is not None:
@@ -303,8 +303,8 @@ def semantics_stage(store: Store, lineup: Lineup, drawn: dict, task: str, graph:
 # ---- causal ----
 
 
-def causal_stage(store: Store, lineup: Lineup, drawn: dict, task: str, graph: Graph, found: dict, settings: Settings,
-                 reporter: Reporter) -> dict:
+def causal_stage(store: RunDirectory, lineup: Lineup, drawn: dict, task: str, graph: Graph, found: dict,
+                 settings: Settings, reporter: Reporter) -> dict:
     done = store.load(f"causal-{task}")
     if done is not None:
         return done
@@ -354,7 +354,7 @@ def _spread(values: np.ndarray) -> dict:
 # ---- robustness ----
 
 
-def robustness_stage(store: Store, lineup: Lineup, drawn: dict, task: str, graph: Graph, names: list[str],
+def robustness_stage(store: RunDirectory, lineup: Lineup, drawn: dict, task: str, graph: Graph, names: list[str],
                      rows: list[np.ndarray], settings: Settings, reporter: Reporter) -> dict:
     done = store.load(f"robustness-{task}")
     if done is not None:
