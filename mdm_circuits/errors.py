@@ -23,6 +23,13 @@ class BatchError(Error, ValueError):
     """Examples that cannot be posed, compared or scored as given."""
 
 
+class UnknownTask(BatchError, KeyError):
+    """A task name that is not one of the library's tasks."""
+
+    def __str__(self) -> str:  # KeyError would print the message quoted
+        return str(self.args[0]) if self.args else ""
+
+
 class GraphError(Error, ValueError):
     """A graph, score file or circuit file that does not fit the model at hand."""
 

@@ -108,17 +108,16 @@ def test_per_example_rows_average_to_the_batch_result(pair):
 
 
 def test_a_second_model_of_the_same_shapes_compiles_nothing(pair, caplog):
-    """The conventions (attention, readout, mask token) are data: an MDM with the ARM's shapes reuses every
-    program the ARM compiled."""
-    arm, mdm, arm_batch, _ = pair
-    bidirectional_arm = with_config(arm, MDM)  # other weights would not matter; other conventions must not
-    attribute(arm, arm_batch, METRIC, steps=2)
-    circuits.evaluate(arm, arm_batch, circuits.top_k(Graph.for_model(ARM),
-                                                     attribute(arm, arm_batch, METRIC).matrix, 10), METRIC)
+    """The conventions (attention, readout, mask token) are data: MDMs with other weights or another readout
+    reuse every program the first one compiled."""
+    _, mdm, _, mdm_batch = pair
+    others = (random_model(MDM, 4), with_config(mdm, MDM.replace(logit_shift=False)))  # other weights, readout
+    scores = attribute(mdm, mdm_batch, METRIC, steps=2)
+    circuits.evaluate(mdm, mdm_batch, circuits.top_k(Graph.for_model(MDM), scores.matrix, 10), METRIC)
     with caplog.at_level(logging.WARNING, logger="jax"), jax.log_compiles(True):
-        for model in (mdm, bidirectional_arm):
-            scores = attribute(model, arm_batch, METRIC, steps=2)
-            circuits.evaluate(model, arm_batch, circuits.top_k(scores.graph, scores.matrix, 10), METRIC)
+        for model in others:
+            scores = attribute(model, mdm_batch, METRIC, steps=2)
+            circuits.evaluate(model, mdm_batch, circuits.top_k(scores.graph, scores.matrix, 10), METRIC)
     compiled = [record.getMessage() for record in caplog.records if "Compiling" in record.getMessage()]
     assert not compiled, compiled
 

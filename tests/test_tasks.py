@@ -199,7 +199,7 @@ def test_infilling_refuses_a_tokenizer_that_cannot_pose_any_frame():
 
 
 def test_user_examples_from_jsonl(tmp_path):
-    tokenizer = pattern_tokenizer(DIGITS, TEXTS + [" ".join(ioi.NAMES)])
+    tokenizer = pattern_tokenizer(DIGITS, TEXTS + [" " + " ".join(ioi.NAMES)])
     path = tmp_path / "mine.jsonl"
     path.write_text(
         '{"prompt": "When Mary and John went to the store, John gave a drink to", '

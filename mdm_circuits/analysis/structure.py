@@ -48,7 +48,10 @@ def k_sweep(graph: Graph) -> list[int]:
 
 def ranking(edges: np.ndarray) -> np.ndarray:
     """Edge indices by decreasing |score| (stable: ties keep edge order)."""
-    return np.argsort(-np.abs(np.asarray(edges, np.float32)), kind="stable")
+    edges = np.asarray(edges, np.float32)
+    if not np.isfinite(edges).all():
+        raise CircuitError("edge scores hold NaN or infinite values; no circuit can be ranked from them")
+    return np.argsort(-np.abs(edges), kind="stable")
 
 
 def top_k_set(edges: np.ndarray, k: int) -> np.ndarray:

@@ -314,6 +314,9 @@ class Graph:
                 document.get("edges"), dict):
             raise GraphError(f"{path}: not an EAP-IG graph file (needs a 'cfg' and an 'edges' object)")
         cfg = document["cfg"]
+        if None not in (self.d_model, cfg.get("d_model")) and cfg["d_model"] != self.d_model:
+            raise GraphError(f"{path}: written for a model of d_model {cfg['d_model']}; this model's is "
+                             f"{self.d_model} (same layers and heads, another model)")
         shape = (cfg.get("n_layers"), cfg.get("n_heads"))
         if shape != (self.n_layers, self.n_heads) or cfg.get("parallel_attn_mlp", False):
             raise GraphError(f"{path}: written for a graph of {shape[0]} layers x {shape[1]} heads"

@@ -15,8 +15,16 @@ from mdm_circuits.circuits.graph import Graph, NodeKind
 from mdm_circuits.errors import CircuitError
 
 
-def _ranking(graph: Graph, scores: np.ndarray, absolute: bool) -> np.ndarray:
+def _finite(graph: Graph, scores: np.ndarray) -> np.ndarray:
     values = graph.edge_vector(scores)
+    if not np.isfinite(values).all():
+        raise CircuitError(f"{np.size(values) - np.count_nonzero(np.isfinite(values))} edge scores are NaN or "
+                           f"infinite; no circuit can be chosen from them (recompute the scores)")
+    return values
+
+
+def _ranking(graph: Graph, scores: np.ndarray, absolute: bool) -> np.ndarray:
+    values = _finite(graph, scores)
     return np.argsort(-(np.abs(values) if absolute else values), kind="stable")
 
 
@@ -37,6 +45,7 @@ def greedy(graph: Graph, scores: np.ndarray, k: int, *, absolute: bool = True) -
     """Grow a circuit from the logits: repeatedly add the best-scoring edge into a node already in the
     circuit (the reference's `apply_greedy`), so every edge leads to the logits."""
     _check_k(graph, k)
+    _finite(graph, scores)
     values = np.abs(scores) if absolute else np.asarray(scores)
     sources, destinations = graph.edge_indices
     incoming = {}  # source node row -> edges entering any of its inputs

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mdm_circuits.decoding.generation import Unmasking, diffuse, greedy
+from mdm_circuits.errors import BatchError
 from mdm_circuits.model.transformer import Transformer
 from mdm_circuits.tasks.batch import Example
 from mdm_circuits.tasks.views import View
@@ -87,6 +88,9 @@ def common_correct_pool(task: ModuleType, tokenizer, arm: Transformer, mdm: Tran
     few distinct questions ends with all of them. `progress` is called with (drawn, pooled, n) after every
     chunk. `Pool.drawn` and the accuracies are over the distinct examples drawn.
     """
+    for name, value in (("n", n), ("budget", budget), ("chunk", chunk)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise BatchError(f"{name} must be a positive integer, got {value!r}")
     arm_view, mdm_view = View.for_model(arm.config), View.for_model(mdm.config)
     pooled_arm, pooled_mdm, seen = [], [], set()
     attempted, drawn, arm_correct, mdm_correct, index = 0, 0, 0, 0, 0

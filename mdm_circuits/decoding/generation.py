@@ -24,6 +24,7 @@ from jaxtyping import Array, Bool, Int
 
 from mdm_circuits.errors import DecodingError
 from mdm_circuits.model.transformer import Transformer
+from mdm_circuits.tasks.batch import check_token_ids
 
 Unmasking = Literal["confidence", "margin", "entropy", "random"]
 
@@ -37,6 +38,7 @@ def greedy(model: Transformer, tokens: Int[Array, " T"], length: Int[Array, ""],
     config = model.known_config()
     if config is not None and config.attention != "causal":
         raise DecodingError("greedy decoding reads one position at a time; it needs a causal model (use diffuse)")
+    _check_tokens(model, tokens)
     return _greedy(model, tokens, length, n_new)
 
 
@@ -48,6 +50,12 @@ def _greedy(model, tokens, length, n_new):
         return buffer.at[position].set(jnp.argmax(logits).astype(buffer.dtype))
 
     return jax.lax.fori_loop(0, n_new, step, tokens)
+
+
+def _check_tokens(model: Transformer, tokens) -> None:
+    """Out-of-range ids poison every logit (or wrap to other tokens); checked where the tokens are concrete."""
+    if not isinstance(tokens, jax.core.Tracer):
+        check_token_ids(tokens, model.architecture.vocab_size, "the tokens to decode")
 
 
 def _scores(logits, candidates, probabilities, unmasking: Unmasking, key):
@@ -83,6 +91,7 @@ def diffuse(
         raise DecodingError("diffusion decoding needs a model with a mask token (an MDM)")
     if unmasking not in ("confidence", "margin", "entropy", "random"):
         raise DecodingError(f"unknown unmasking {unmasking!r}; use confidence, margin, entropy or random")
+    _check_tokens(model, tokens)
     return _diffuse(model, tokens, valid, key, at, steps=steps, unmasking=unmasking, temperature=temperature)
 
 

@@ -173,7 +173,10 @@ def build(directory: str | Path, recipe: Recipe = Recipe(), *, work: str | Path 
     from them (the timings then cover only the rerun). Returns the report (also `directory`/organisms.json).
     """
     directory = Path(directory).absolute()
+    if directory.exists() and not directory.is_dir():
+        raise TrainingError(f"{directory} is a file; give a directory to build the organisms in")
     work = directory / TRAINING_STATE if work is None else Path(work).absolute()
+    directory.mkdir(parents=True, exist_ok=True)
     (directory / REPORT).unlink(missing_ok=True)  # an interrupted build never looks complete
     tokenizer = vocabulary.build()
     arm_config = recipe.model_config(tokenizer)

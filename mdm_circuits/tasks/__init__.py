@@ -4,8 +4,30 @@ Each task module offers `examples(tokenizer, n, *, seed=0, view=View(), max_leng
 the `METRIC` its examples are scored with; the same seed gives the same questions in either view.
 """
 
-from types import MappingProxyType
+from collections.abc import Mapping
+from types import ModuleType
 
+from mdm_circuits.errors import UnknownTask
 from mdm_circuits.tasks import countdown, greater_than, infilling, ioi
 
-TASKS = MappingProxyType({task.NAME: task for task in (ioi, greater_than, countdown, infilling)})
+
+class _Tasks(Mapping):
+    """The tasks by name; an unknown name is refused with the known ones."""
+
+    def __init__(self, *modules: ModuleType):
+        self._tasks = {task.NAME: task for task in modules}
+
+    def __getitem__(self, name: str) -> ModuleType:
+        try:
+            return self._tasks[name]
+        except KeyError:
+            raise UnknownTask(f"unknown task {name!r}; the tasks are {', '.join(self._tasks)}") from None
+
+    def __iter__(self):
+        return iter(self._tasks)
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+
+TASKS = _Tasks(ioi, greater_than, countdown, infilling)

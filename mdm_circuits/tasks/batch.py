@@ -95,9 +95,44 @@ class Batch:
                 f"(logit_shift={config.logit_shift}); an ARM needs the tokens before the answer, an MDM the "
                 f"masked answer position itself")
         for name in ("clean", "corrupted", "correct", "incorrect"):
-            tokens = np.asarray(getattr(self, name))
-            if tokens.min() < 0 or tokens.max() >= config.vocab_size:
-                raise BatchError(f"{name} tokens outside the vocabulary [0, {config.vocab_size})")
+            check_token_ids(getattr(self, name), config.vocab_size, f"the {name} tokens")
+        self._check_view(config)
+
+    def _check_view(self, config: ModelConfig) -> None:
+        """Refuse examples posed in the other model's view: an MDM reads its answer from masked positions; an
+        ARM's last answer token is never input (teacher forcing), and a bidirectional model without a mask
+        token would see the answer it is asked for."""
+        positions, lengths = np.asarray(self.answer_positions), np.asarray(self.valid).sum(axis=1)
+        answers = np.asarray(self.answer_mask)
+        if config.is_mdm:
+            held = np.take_along_axis(np.asarray(self.clean), np.minimum(positions, self.clean.shape[1] - 1), axis=1)
+            wrong = answers & (held != config.mask_token_id)
+            if wrong.any():
+                row = int(np.nonzero(wrong.any(axis=1))[0][0])
+                raise BatchError(f"example {row}: an answer position holds token {int(held[wrong][0])}, not the MDM's "
+                                 f"mask token {config.mask_token_id}; pose the examples in the MDM view "
+                                 f"(View.for_model(config))")
+        elif config.attention != "causal":
+            raise BatchError("a bidirectional model without a mask token cannot be asked a question: it would see "
+                             "the answer; give it a mask token (an MDM config) or causal attention")
+        else:
+            last = np.max(np.where(answers, positions, -1), axis=1)
+            inside = last < lengths
+            if inside.any():
+                row = int(np.nonzero(inside)[0][0])
+                raise BatchError(f"example {row}: its last answer token sits inside the {int(lengths[row])} input "
+                                 f"tokens; an ARM must not be given the answer it predicts (these look like MDM-view "
+                                 f"examples: pose them with View() for an ARM)")
+
+
+def check_token_ids(tokens, vocab_size: int, what: str = "tokens") -> None:
+    """Refuse token ids outside [0, vocab_size): above it the embedding is NaN, below it they wrap to other
+    tokens, and either way every number computed from them would be wrong."""
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
+        bad = tokens[(tokens < 0) | (tokens >= vocab_size)]
+        raise BatchError(f"{what} hold token ids outside the vocabulary [0, {vocab_size}) (e.g. {int(bad[0])}); a "
+                         f"tokenizer of another model, or ids computed wrongly")
 
 
 def collate(examples: Sequence[Example], pad_id: int = 0) -> Batch:

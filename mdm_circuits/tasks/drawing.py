@@ -14,6 +14,10 @@ def draw(n: int, attempt: Callable[[int], Example | None], *, what: str, max_len
 
     An attempt is refused when it returns None, when its clean and corrupted runs differ in length, or when
     it is longer than `max_length` tokens. After `patience` · n attempts the draw fails clearly."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise BatchError(f"the number of {what} must be a positive integer, got {n!r}")
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
+        raise BatchError(f"max_length must be a positive integer of tokens (or None), got {max_length!r}")
     examples, attempts = [], 0
     while len(examples) < n:
         attempts += 1

@@ -20,7 +20,7 @@ import tokenizers
 from mdm_circuits.errors import BatchError
 from mdm_circuits.tasks.batch import Example
 from mdm_circuits.tasks.metrics import METRICS
-from mdm_circuits.tasks.text import continuation, prompt
+from mdm_circuits.tasks.text import continuation, prompt, unknown_token
 from mdm_circuits.tasks.views import View
 
 REQUIRED = ("prompt", "corrupted_prompt", "answer", "counterfactual")
@@ -48,6 +48,11 @@ def load(path: str | Path, tokenizer: tokenizers.Tokenizer, view: View = View())
             raise BatchError(f"{where}: unknown metric {metric!r}; use one of {sorted(METRICS)}")
         answer = continuation(tokenizer, record["answer"])
         counterfactual = continuation(tokenizer, record["counterfactual"])
+        unknown = unknown_token(tokenizer)
+        for field, tokens in (("answer", answer), ("counterfactual", counterfactual)):
+            if unknown is not None and unknown in tokens and tokenizer.id_to_token(unknown) not in record[field]:
+                raise BatchError(f"{where}: the {field} {record[field]!r} is not in the tokenizer's vocabulary (it "
+                                 f"becomes {tokenizer.id_to_token(unknown)!r}); use words the model knows")
         if not answer or len(answer) != len(counterfactual) or answer == counterfactual:
             raise BatchError(f"{where}: the answer ({len(answer)} tokens) and the counterfactual "
                              f"({len(counterfactual)} tokens) must be different, non-empty and of equal length")

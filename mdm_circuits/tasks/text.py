@@ -35,3 +35,9 @@ def single_tokens(tokenizer: tokenizers.Tokenizer, words: Sequence[str]) -> dict
         if len(encoded) == 1 and tokenizer.decode(encoded).strip() == word:
             ids[word] = encoded[0]
     return ids
+
+
+def unknown_token(tokenizer: tokenizers.Tokenizer) -> int | None:
+    """The id text outside the vocabulary becomes (`<unk>`), if the tokenizer has one."""
+    name = getattr(tokenizer.model, "unk_token", None)
+    return None if name is None else tokenizer.token_to_id(name)
