@@ -221,3 +221,77 @@ def test_user_examples_from_jsonl(tmp_path):
                     '"metric": "accuracy"}\n')
     with pytest.raises(BatchError, match="unknown metric 'accuracy'"):
         jsonl.load(path, tokenizer)
+
+
+# ---- train and test splits ----
+
+
+@pytest.fixture(scope="module")
+def organisms_tokenizer():
+    from mdm_circuits.organisms import vocabulary
+
+    return vocabulary.build()
+
+
+def _questions(task, tokenizer, split, n=300):
+    return {tuple(e.clean) for e in task.examples(tokenizer, n, seed=5, split=split)}
+
+
+@pytest.mark.parametrize("task", [ioi, greater_than, countdown, infilling], ids=lambda t: t.NAME)
+def test_the_test_split_shares_no_question_with_the_train_split(task, organisms_tokenizer):
+    train, test = _questions(task, organisms_tokenizer, "train"), _questions(task, organisms_tokenizer, "test")
+    assert train and test and not train & test
+    everything = _questions(task, organisms_tokenizer, "all", 2000)
+    assert everything & train and everything & test  # "all" draws from both
+
+
+def _template_index(text: str) -> int:
+    """Which IOI template a decoded word-level prompt was written from."""
+    for index, template in enumerate(ioi.TEMPLATES):
+        spaced = re.sub(r"([,.])", r" \1", template)
+        pattern = re.escape(spaced).replace(re.escape("{A}"), r"\w+").replace(re.escape("{B}"), r"\w+")
+        pattern = re.sub(r"\\\{\w+\\\}", r"\\w+", pattern)
+        if re.fullmatch(pattern, text):
+            return index
+    raise AssertionError(f"no template writes {text!r}")
+
+
+def test_each_split_holds_out_what_its_task_says(organisms_tokenizer):
+    decode = organisms_tokenizer.decode
+    for split, held_out in (("test", True), ("train", False)):
+        for example in greater_than.examples(organisms_tokenizer, 100, seed=1, split=split):
+            start = int(re.search(r"\b1\d (\d\d)\b", decode(example.clean)).group(1))
+            assert (start // 10 in greater_than.HELD_OUT_DECADES) == held_out
+        for example in countdown.examples(organisms_tokenizer, 100, seed=1, split=split):
+            listed = re.search(r"Numbers : (.*?) \. Target", decode(example.clean)).group(1)
+            assert countdown.held_out(tuple(int(n) for n in listed.split(" , "))) == held_out
+        for example in ioi.examples(organisms_tokenizer, 100, seed=1, split=split):
+            assert (_template_index(decode(example.clean)) in ioi.HELD_OUT_TEMPLATES) == held_out
+        for example in infilling.examples(organisms_tokenizer, 100, seed=1, split=split):
+            text, word = decode(example.clean), decode(example.correct[0])
+            cell = next((frame.sentence, word) for frame in infilling.FRAMES
+                        if frame.sentence.split("{word} {decider}")[1].rstrip(".").strip() in text
+                        and any(w == word for w, _ in frame.choices)
+                        and any(d in text for _, d in frame.choices))
+            assert (cell in infilling.held_out_cells()) == held_out
+
+
+def test_what_the_test_split_holds_out_is_learnable_from_the_train_split():
+    """Every word of a held-out IOI template occurs in the training templates or another task's text, and
+    every held-out infilling sentence's (word, decider) pair occurs in a training sentence of another frame."""
+    from mdm_circuits.organisms import vocabulary
+
+    def words(text):
+        return {piece for piece, _ in vocabulary._pre_tokenizer().pre_tokenize_str(re.sub(r"\{\w+\}", " ", text))}
+
+    others = set().union(*map(words, [*greater_than.TEMPLATES, countdown.PROMPT, infilling.ARM_QUESTION,
+                                       *(frame.sentence for frame in infilling.FRAMES)]))
+    trained = set().union(*(words(t) for i, t in enumerate(ioi.TEMPLATES) if i not in ioi.HELD_OUT_TEMPLATES))
+    for index in ioi.HELD_OUT_TEMPLATES:
+        assert words(ioi.TEMPLATES[index]) <= trained | others, ioi.TEMPLATES[index]
+    cells = infilling.held_out_cells()
+    assert len(cells) >= 10
+    for sentence, word in cells:
+        decider = dict(next(f for f in infilling.FRAMES if f.sentence == sentence).choices)[word]
+        assert any((word, decider) in frame.choices and (frame.sentence, word) not in cells
+                   for frame in infilling.FRAMES if frame.sentence != sentence)

@@ -80,18 +80,20 @@ class Pool:
 
 def common_correct_pool(task: ModuleType, tokenizer, arm: Transformer, mdm: Transformer, *, n: int = 500,
                         budget: int = 5000, chunk: int = 100, seed: int = 0, max_length: int | None = None,
-                        progress: Callable[[int, int, int], None] | None = None) -> Pool:
+                        split: str = "all", progress: Callable[[int, int, int], None] | None = None) -> Pool:
     """Draw examples of `task` until `n` are solved by both models or `budget` examples have been drawn.
 
     Examples are drawn in chunks (chunk i with seed `seed` · 1000003 + i), posed to each model in its own
     view, and deduplicated: a repeated question is skipped but counts against the budget, so a task with
     few distinct questions ends with all of them. `progress` is called with (drawn, pooled, n) after every
-    chunk. `Pool.drawn` and the accuracies are over the distinct examples drawn.
+    chunk. `Pool.drawn` and the accuracies are over the distinct examples drawn. `split` chooses the task's
+    questions ("train", "test" or "all", see `tasks.splits`).
     """
     for name, value in (("n", n), ("budget", budget), ("chunk", chunk)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise BatchError(f"{name} must be a positive integer, got {value!r}")
     arm_view, mdm_view = View.for_model(arm.config), View.for_model(mdm.config)
+    drawn_from = {} if split == "all" else {"split": split}  # a task of your own need not know splits
     pooled_arm, pooled_mdm, seen = [], [], set()
     attempted, drawn, arm_correct, mdm_correct, index = 0, 0, 0, 0, 0
     while len(pooled_arm) < n and attempted < budget:
@@ -99,8 +101,8 @@ def common_correct_pool(task: ModuleType, tokenizer, arm: Transformer, mdm: Tran
         attempted += size
         chunk_seed = seed * 1_000_003 + index
         index += 1
-        for_arm = task.examples(tokenizer, size, seed=chunk_seed, view=arm_view, max_length=max_length)
-        for_mdm = task.examples(tokenizer, size, seed=chunk_seed, view=mdm_view, max_length=max_length)
+        for_arm = task.examples(tokenizer, size, seed=chunk_seed, view=arm_view, max_length=max_length, **drawn_from)
+        for_mdm = task.examples(tokenizer, size, seed=chunk_seed, view=mdm_view, max_length=max_length, **drawn_from)
         fresh = []
         for i, example in enumerate(for_arm):
             question = (tuple(example.clean), tuple(example.corrupted))

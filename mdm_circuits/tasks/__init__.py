@@ -1,7 +1,8 @@
 """Tasks posed to ARMs and MDMs: generators of clean/corrupted example pairs checked against a tokenizer.
 
-Each task module offers `examples(tokenizer, n, *, seed=0, view=View(), max_length=None)`, its `NAME` and
-the `METRIC` its examples are scored with; the same seed gives the same questions in either view.
+Each task module offers `examples(tokenizer, n, *, seed=0, view=View(), max_length=None, split="all")`, its
+`NAME` and the `METRIC` its examples are scored with; the same seed gives the same questions in either view.
+`split` ("train", "test" or "all") draws from the task's fixed train/test split (see `tasks.splits`).
 """
 
 from collections.abc import Mapping

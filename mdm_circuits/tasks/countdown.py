@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import itertools
 import random
+import zlib
 
 import tokenizers
 
 from mdm_circuits.tasks.batch import Example
 from mdm_circuits.tasks.drawing import draw
 from mdm_circuits.tasks.metrics import log_probability_difference
+from mdm_circuits.tasks.splits import Split, as_split
 from mdm_circuits.tasks.text import continuation, prompt
 from mdm_circuits.tasks.views import View
 
@@ -39,18 +41,27 @@ def _expressions(numbers: tuple[int, ...]):
             yield str(order[0]) + "".join(o + str(x) for o, x in zip(operators, order[1:])), value
 
 
+def held_out(numbers: tuple[int, ...]) -> bool:
+    """Whether a set of numbers belongs to the test split (one set in five, by a hash independent of order)."""
+    return zlib.crc32(",".join(map(str, sorted(numbers))).encode()) % 5 == 0
+
+
 def solutions(numbers: tuple[int, ...], target: int) -> list[str]:
     """Every expression of the numbers (see `_expressions`) that equals `target`, in the fixed order."""
     return [text for text, value in _expressions(numbers) if value == target]
 
 
 def examples(tokenizer: tokenizers.Tokenizer, n: int, *, seed: int = 0, view: View = View(),
-             max_length: int | None = None) -> list[Example]:
-    """`n` Countdown pairs, reproducible for a seed (the same pairs in either view)."""
+             max_length: int | None = None, split: Split | str = Split.ALL) -> list[Example]:
+    """`n` Countdown pairs, reproducible for a seed (the same pairs in either view). `split`: "test" for the
+    sets of numbers `held_out` marks, "train" for the others, or "all"."""
+    split = as_split(split)
     rng = random.Random(seed)
 
     def attempt(kept: int) -> Example | None:
         numbers = tuple(rng.sample(range(1, LARGEST + 1), N_NUMBERS))
+        while not split.keeps(held_out(numbers)):
+            numbers = tuple(rng.sample(range(1, LARGEST + 1), N_NUMBERS))
         reachable = sorted({value for _, value in _expressions(numbers) if 1 <= value < 100})
         target, other = rng.sample(reachable, 2)
         listed = ", ".join(map(str, numbers))

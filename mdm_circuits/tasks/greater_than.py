@@ -22,6 +22,7 @@ from mdm_circuits.errors import BatchError
 from mdm_circuits.tasks.batch import Example
 from mdm_circuits.tasks.drawing import draw
 from mdm_circuits.tasks.metrics import probability_difference
+from mdm_circuits.tasks.splits import Split, as_split
 from mdm_circuits.tasks.text import continuation, prompt
 from mdm_circuits.tasks.views import View
 
@@ -36,6 +37,7 @@ TEMPLATES = (
     "The {noun} went on from {start} to {century}",
 )
 CENTURIES = tuple(range(11, 20))
+HELD_OUT_DECADES = (2, 5, 7)  # the test split's start years end in 20-29, 50-59 or 70-79
 
 
 def year_tokens(tokenizer: tokenizers.Tokenizer) -> str:
@@ -54,24 +56,27 @@ def year_tokens(tokenizer: tokenizers.Tokenizer) -> str:
 
 
 def examples(tokenizer: tokenizers.Tokenizer, n: int, *, seed: int = 0, view: View = View(),
-             max_length: int | None = None) -> list[Example]:
-    """`n` Greater-Than pairs, reproducible for a seed (the same pairs in either view)."""
+             max_length: int | None = None, split: Split | str = Split.ALL) -> list[Example]:
+    """`n` Greater-Than pairs, reproducible for a seed (the same pairs in either view). `split`: "test" for
+    start years ending in the decades `HELD_OUT_DECADES`, "train" for the others, or "all"."""
+    split = as_split(split)
     mode = year_tokens(tokenizer)
+    starts = [s for s in (range(2, 99) if mode == "pairs" else range(9, 99, 10))
+              if split.keeps(s // 10 in HELD_OUT_DECADES)]
     rng = random.Random(seed)
     endings_of = {}  # century -> {ending: its token}, for two-digit endings
 
     def attempt(kept: int) -> Example:
         template, noun, century = rng.choice(TEMPLATES), rng.choice(NOUNS), rng.choice(CENTURIES)
+        start = rng.choice(starts)
         if mode == "pairs":
-            start = rng.randint(2, 98)
             if century not in endings_of:
                 endings_of[century] = {e: continuation(tokenizer, f" {century}{e:02d}")[-1] for e in range(100)}
             endings = endings_of[century]
             larger = [endings[e] for e in range(start + 1, 100)]
             others = [endings[e] for e in range(0, start + 1)]
         else:
-            tens = rng.randint(0, 8)
-            start = 10 * tens + 9
+            tens = start // 10
             digit = {d: continuation(tokenizer, str(d))[0] for d in range(10)}
             larger = [digit[d] for d in range(tens + 1, 10)]
             others = [digit[d] for d in range(0, tens + 1)]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import random
 
 import tokenizers
@@ -24,6 +25,7 @@ from mdm_circuits.errors import BatchError
 from mdm_circuits.tasks.batch import Example
 from mdm_circuits.tasks.drawing import draw
 from mdm_circuits.tasks.metrics import logit_difference
+from mdm_circuits.tasks.splits import Split, as_split
 from mdm_circuits.tasks.text import continuation, prompt
 from mdm_circuits.tasks.views import View
 
@@ -103,6 +105,17 @@ FRAMES = (
 )
 
 
+@functools.cache
+def held_out_cells() -> frozenset[tuple[str, str]]:
+    """The (sentence, word) cells of the test split: where a (word, decider) choice occurring in several
+    frames first occurs. Training sees the choice in its other frames, never the held-out sentence."""
+    frames_of = collections.defaultdict(list)
+    for frame in FRAMES:
+        for choice in frame.choices:
+            frames_of[choice].append(frame.sentence)
+    return frozenset((sentences[0], word) for (word, _), sentences in frames_of.items() if len(sentences) > 1)
+
+
 def usable_frames(tokenizer: tokenizers.Tokenizer) -> list[Frame]:
     """The frames cut down to the choices this tokenizer can pose: single-token words with distinct tokens,
     grouped by their deciders' token count (a clean and a corrupted question must align); a group needs two."""
@@ -128,19 +141,25 @@ def _pose(tokenizer, view, sentence, answer_token, decider):
 
 
 def examples(tokenizer: tokenizers.Tokenizer, n: int, *, seed: int = 0, view: View = View(),
-             max_length: int | None = None) -> list[Example]:
-    """`n` infilling pairs, reproducible for a seed (the same pairs in either view): a frame, then two of its
-    choices, the first clean and the second corrupted."""
+             max_length: int | None = None, split: Split | str = Split.ALL) -> list[Example]:
+    """`n` infilling pairs, reproducible for a seed (the same pairs in either view): a frame and a choice
+    (the clean question), then another choice of the frame (the corrupted one). `split`: "test" for the
+    clean sentences `held_out_cells` names, "train" for the others, or "all"."""
+    split = as_split(split)
     frames = usable_frames(tokenizer)
     if not frames:
         raise BatchError("no infilling frame has two single-token answers whose deciding words have the same "
                          "token count for this tokenizer; add frames to tasks.infilling.FRAMES or pose your own "
                          "examples with tasks.jsonl")
+    cells = [(frame, choice) for frame in frames for choice in frame.choices
+             if split.keeps((frame.sentence, choice[0]) in held_out_cells())]
+    if not cells:
+        raise BatchError(f"no infilling question of the {split.value!r} split can be posed with this tokenizer")
     rng = random.Random(seed)
 
     def attempt(kept: int) -> Example:
-        frame = rng.choice(frames)
-        (word, decider), (other, other_decider) = rng.sample(frame.choices, 2)
+        frame, (word, decider) = rng.choice(cells)
+        other, other_decider = rng.choice([choice for choice in frame.choices if choice[0] != word])
         answer, counterfactual = continuation(tokenizer, " " + word)[0], continuation(tokenizer, " " + other)[0]
         clean, positions = _pose(tokenizer, view, frame.sentence, answer, decider)
         corrupted, _ = _pose(tokenizer, view, frame.sentence, answer, other_decider)

@@ -19,6 +19,7 @@ from mdm_circuits.errors import BatchError
 from mdm_circuits.tasks.batch import Example
 from mdm_circuits.tasks.drawing import draw
 from mdm_circuits.tasks.metrics import logit_difference
+from mdm_circuits.tasks.splits import Split, as_split
 from mdm_circuits.tasks.text import prompt, single_tokens
 from mdm_circuits.tasks.views import View
 
@@ -47,6 +48,7 @@ NAMES = (
     "Sam", "Adam", "Jane", "Max", "Ryan", "Eric", "Steve", "Kevin", "Brian", "Jessica", "Michael",
     "Robert", "William", "Richard", "Thomas", "Charles", "Daniel", "Matthew", "George", "Henry",
 )
+HELD_OUT_TEMPLATES = (0, 2, 6)  # the test split's templates; their words all occur in the others
 PLACES = ("store", "garden", "restaurant", "school", "hospital", "office", "house", "station", "park",
           "beach", "market", "library")
 OBJECTS = ("ring", "kiss", "bone", "basketball", "computer", "necklace", "drink", "snack", "book", "ball",
@@ -62,7 +64,7 @@ def _words(tokenizer, words, kind, needed):
 
 
 def examples(tokenizer: tokenizers.Tokenizer, n: int, *, seed: int = 0, view: View = View(),
-             max_length: int | None = None) -> list[Example]:
+             max_length: int | None = None, split: Split | str = Split.ALL) -> list[Example]:
     """`n` IOI pairs, alternating ABBA and BABA, reproducible for a seed (the same pairs in either view).
 
     Args:
@@ -71,14 +73,17 @@ def examples(tokenizer: tokenizers.Tokenizer, n: int, *, seed: int = 0, view: Vi
       seed: the random seed (templates, names, places, objects).
       view: ARM (the answer is the token after the prompt) or MDM (a masked answer position is appended).
       max_length: leave out examples longer than this many tokens (as posed).
+      split: "train" or "test" (templates `HELD_OUT_TEMPLATES`), or "all".
     """
+    split = as_split(split)
+    templates = [t for i, t in enumerate(TEMPLATES) if split.keeps(i in HELD_OUT_TEMPLATES)]
     names = _words(tokenizer, NAMES, "names", 5)
     places, objects = _words(tokenizer, PLACES, "places", 1), _words(tokenizer, OBJECTS, "objects", 1)
     name_ids = single_tokens(tokenizer, names)
     rng = random.Random(seed)
 
     def attempt(kept: int) -> Example:
-        template = rng.choice(TEMPLATES)
+        template = rng.choice(templates)
         a, b, c, d, e = rng.sample(names, 5)
         fill = dict(place=rng.choice(places), object=rng.choice(objects))
         first, second = (b, a) if kept % 2 else (a, b)
