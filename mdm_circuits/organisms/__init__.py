@@ -1,13 +1,16 @@
-"""The default ARM/MDM pair ("model organisms"), trained by the project and shipped with it.
+"""The default ARM/MDM pair ("model organisms"), trained by the project and shipped with it, and its controls.
 
-A small Qwen2-family ARM is pretrained on the four tasks (causal next-token loss), then post-trained into an
-MDM the way Dream and DiffuLLaMA were made from their parents: the same weights under bidirectional
-attention, the one-position logit shift kept, the masked diffusion loss (see `training`). The checkpoints
-along the adaptation (step 0 is the ARM's weights under the MDM's settings) let one watch the mechanism
-shift during post-training.
+A small Qwen2-family ARM is pretrained on the four tasks' train split (causal next-token loss), then
+post-trained into an MDM the way Dream and DiffuLLaMA were made from their parents: the same weights under
+bidirectional attention, the one-position logit shift kept, the masked diffusion loss (see `training`). The
+checkpoints along the adaptation (step 0 is the ARM's weights under the MDM's settings) let one watch the
+mechanism shift during post-training. Two controls ship beside the pair: the continued ARM (the ARM trained
+on with its causal loss, on the MDM's data for the MDM's steps: "more training" without diffusion) and the
+MDM's second seed (the same adaptation, other data order and masks: the between-run null).
 
     from mdm_circuits import organisms
     pair = organisms.load()                 # pair.arm, pair.mdm, pair.tokenizer
+    continued = organisms.control("continued_arm")
     for step, model in organisms.trajectory():
         ...
 
@@ -28,6 +31,9 @@ from mdm_circuits.model.transformer import Transformer, with_config
 
 SHIPPED = Path(__file__).parent / "data"
 ARM, MDM, TRAJECTORY, REPORT = "arm", "mdm", "trajectory", "organisms.json"
+CONTINUED_ARM, MDM_SEED_2 = "continued_arm", "mdm_seed_2"
+CONTROLS = (CONTINUED_ARM, MDM_SEED_2)
+MODELS = (ARM, MDM, *CONTROLS)
 
 
 class Organisms(NamedTuple):
@@ -50,6 +56,17 @@ def load(directory: str | Path | None = None) -> Organisms:
     directory = _directory(directory)
     return Organisms(checkpoint.load(directory / ARM), checkpoint.load(directory / MDM),
                      checkpoint.load_tokenizer(directory / ARM))
+
+
+def control(name: str, directory: str | Path | None = None) -> Transformer:
+    """A control by name: "continued_arm" (causal) or "mdm_seed_2" (an MDM)."""
+    if name not in CONTROLS:
+        raise checkpoint.CheckpointError(f"no control named {name!r}; the controls are {', '.join(CONTROLS)}")
+    directory = _directory(directory)
+    if not (directory / name).exists():
+        raise checkpoint.CheckpointError(f"{directory} has no {name}/ (built before controls shipped); rebuild "
+                                         f"it with `mdm-circuits organisms train {directory}`")
+    return checkpoint.load(directory / name)
 
 
 def report(directory: str | Path | None = None) -> dict:

@@ -1,8 +1,12 @@
-"""How the organisms are made: the corpus, the two training stages, the exported checkpoints, the report.
+"""How the organisms are made: the corpus, the training stages, the exported checkpoints, the report.
 
-Training questions come from the task generators with seeds from `TRAIN_SEED` on; evaluation uses the
-generators' usual seeds (0, 1, ... as `accuracy.common_correct_pool` draws them), so the two never share a
-seed (a question may still recur by chance: the report counts how many evaluation questions did).
+Training questions are the tasks' train split (`tasks.splits`), drawn with seeds from `TRAIN_SEED` on. The
+accuracies are measured on the test split, whose questions never occur in training (templates, year
+decades, number sets and sentences held out), and on fresh train-split questions for comparison.
+
+Four stages: the ARM (causal pretraining), the MDM adapted from it, and two controls that start from the
+same ARM: the continued ARM (causal loss, the MDM's data, steps and schedule) and the MDM's second seed
+(the same adaptation with other data order and mask draws).
 """
 
 from __future__ import annotations
@@ -26,9 +30,10 @@ from mdm_circuits.errors import TrainingError
 from mdm_circuits.model import checkpoint
 from mdm_circuits.model.config import ModelConfig
 from mdm_circuits.model.transformer import Transformer, with_config
-from mdm_circuits.organisms import ARM, MDM, REPORT, TRAJECTORY, vocabulary
+from mdm_circuits.organisms import ARM, CONTINUED_ARM, MDM, MDM_SEED_2, MODELS, REPORT, TRAJECTORY, vocabulary
 from mdm_circuits.tasks import TASKS
 from mdm_circuits.tasks.batch import Example
+from mdm_circuits.tasks.splits import Split
 from mdm_circuits.tasks.views import View
 from mdm_circuits.training import (
     Corpus,
@@ -43,6 +48,7 @@ from mdm_circuits.training import (
 TRAIN_SEED = 10**12
 TRAINING_STATE = "training_state"  # the resumable checkpoints inside a build directory (never shipped)
 EVAL_SEED = 0
+SPLITS = (Split.TEST, Split.TRAIN)  # the accuracy table's splits: unseen questions first
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,28 +57,40 @@ class Recipe:
 
     Attributes:
       d_model, n_layers, n_heads, n_kv_heads, d_mlp: the Qwen2-family shape (q/k/v biases, GQA, SwiGLU).
-      examples_per_task: training questions drawn per task.
-      arm, mdm: the two training stages (the MDM stage starts from the ARM's final weights).
+      examples_per_task: training questions drawn per task (train split).
+      arm, mdm: the two stages of the pair (the MDM stage starts from the ARM's final weights).
+      second_seed: the seed of the MDM's second adaptation (data order and mask draws).
       trajectory: how many adaptation checkpoints to ship, evenly spaced, step 0 and the last included.
-      eval_examples: held-out questions per task for the accuracy table (seed `EVAL_SEED`).
-      progress_examples: held-out questions per task for the accuracy printed during training.
+      eval_examples: test-split (and train-split) questions per task for the accuracy table (seed `EVAL_SEED`).
+      progress_examples: test-split questions per task for the accuracy printed during training.
       init_seed: the ARM's initial weights.
     """
 
     d_model: int = 128
-    n_layers: int = 4
+    n_layers: int = 8
     n_heads: int = 4
     n_kv_heads: int = 2
-    d_mlp: int = 512
+    d_mlp: int = 384
     examples_per_task: int = 20_000
     arm: TrainConfig = TrainConfig("causal", steps=2500, batch_size=64, learning_rate=3e-3, warmup_steps=200,
-                                   seed=1, checkpoint_every=500, log_every=250)
+                                   seed=1, checkpoint_every=500, log_every=500)
     mdm: TrainConfig = TrainConfig("masked_diffusion", steps=1500, batch_size=64, learning_rate=1e-3,
-                                   warmup_steps=100, seed=2, checkpoint_every=300, log_every=300)
-    trajectory: int = 6
+                                   warmup_steps=100, seed=2, checkpoint_every=500, log_every=500)
+    second_seed: int = 3
+    trajectory: int = 4
     eval_examples: int = 400
     progress_examples: int = 48
     init_seed: int = 0
+
+    @property
+    def continued_arm(self) -> TrainConfig:
+        """The control for "more training": the MDM stage's data order, steps and schedule, causal loss."""
+        return dataclasses.replace(self.mdm, objective="causal")
+
+    @property
+    def mdm_seed_2(self) -> TrainConfig:
+        """The between-run control: the MDM stage with another seed."""
+        return dataclasses.replace(self.mdm, seed=self.second_seed)
 
     def model_config(self, tokenizer: tokenizers.Tokenizer) -> ModelConfig:
         return ModelConfig(vocab_size=tokenizer.get_vocab_size(), d_model=self.d_model, n_layers=self.n_layers,
@@ -103,14 +121,15 @@ def sequence(task: str, example: Example, view: View, eos: int, rng: random.Rand
     return tokens + [eos], list(example.answer_positions)
 
 
-def corpus(tokenizer: tokenizers.Tokenizer, view: View, per_task: int, seed: int = TRAIN_SEED) -> Corpus:
-    """Training sequences of every task in `view`, padded to a multiple of 8; the answers are maskable."""
+def corpus(tokenizer: tokenizers.Tokenizer, view: View, per_task: int, seed: int = TRAIN_SEED,
+           split: Split = Split.TRAIN) -> Corpus:
+    """Sequences of every task's `split` in `view`, padded to a multiple of 8; the answers are maskable."""
     eos = tokenizer.token_to_id(vocabulary.EOS)
     rows = []
     for index, (name, task) in enumerate(TASKS.items()):
         rng = random.Random(seed + index)
         rows += [sequence(name, example, view, eos, rng)
-                 for example in task.examples(tokenizer, per_task, seed=seed + index, view=view)]
+                 for example in task.examples(tokenizer, per_task, seed=seed + index, view=view, split=split)]
     length = -(-max(len(tokens) for tokens, _ in rows) // 8) * 8
     tokens = np.zeros((len(rows), length), np.int32)
     valid = np.zeros((len(rows), length), bool)
@@ -122,8 +141,9 @@ def corpus(tokenizer: tokenizers.Tokenizer, view: View, per_task: int, seed: int
     return Corpus(jnp.asarray(tokens), jnp.asarray(valid), jnp.asarray(maskable))
 
 
-def evaluation_examples(tokenizer: tokenizers.Tokenizer, view: View, n: int) -> dict[str, list[Example]]:
-    return {name: task.examples(tokenizer, n, seed=EVAL_SEED, view=view) for name, task in TASKS.items()}
+def evaluation_examples(tokenizer: tokenizers.Tokenizer, view: View, n: int, split: Split = Split.TEST
+                        ) -> dict[str, list[Example]]:
+    return {name: task.examples(tokenizer, n, seed=EVAL_SEED, view=view, split=split) for name, task in TASKS.items()}
 
 
 def solved_by_task(model: Transformer, examples: dict[str, list[Example]]) -> dict[str, np.ndarray]:
@@ -146,11 +166,12 @@ def held_out_loss(model: Transformer, sequences: Corpus, seed: int = 0) -> float
     return float(jax.jit(masked_diffusion_loss)(model, sequences, masked, t))
 
 
-def _unseen(arm_corpus: Corpus, examples: dict[str, list[Example]]) -> dict[str, np.ndarray]:
-    """For each ARM-view example, whether its prompt is absent from the training sequences."""
+def in_corpus(arm_corpus: Corpus, examples: dict[str, list[Example]]) -> dict[str, np.ndarray]:
+    """For each ARM-view example, whether its question (the prompt before the answer) is one of the
+    training sequences' (the whole corpus is searched)."""
     tokens, answers = np.asarray(arm_corpus.tokens), np.asarray(arm_corpus.maskable)
     trained_on = {tuple(row[: np.argmax(answer)]) for row, answer in zip(tokens, answers)}
-    return {name: np.array([tuple(e.clean[: e.answer_positions[0]]) not in trained_on for e in posed])
+    return {name: np.array([tuple(e.clean[: e.answer_positions[0]]) in trained_on for e in posed])
             for name, posed in examples.items()}
 
 
@@ -167,7 +188,7 @@ def _directory_size(path: Path) -> int:
 
 def build(directory: str | Path, recipe: Recipe = Recipe(), *, work: str | Path | None = None,
           progress: Callable[[str], None] = print) -> dict:
-    """Train both organisms and write them, the adaptation trajectory and the report to `directory`.
+    """Train the pair and its controls and write them, the adaptation trajectory and the report to `directory`.
 
     Resumable: the training checkpoints live in `work` (default `directory`/training_state) and a rerun continues
     from them (the timings then cover only the rerun). Returns the report (also `directory`/organisms.json).
@@ -187,76 +208,84 @@ def build(directory: str | Path, recipe: Recipe = Recipe(), *, work: str | Path 
     began = time.perf_counter()
     corpora = {name: corpus(tokenizer, view, recipe.examples_per_task) for name, view in views.items()}
     timings["corpus_s"] = time.perf_counter() - began
-    progress(f"corpus: {corpora[ARM].size} sequences per view ({recipe.examples_per_task} per task), "
+    progress(f"corpus: {corpora[ARM].size} sequences per view ({recipe.examples_per_task} per task, train split), "
              f"{timings['corpus_s']:.0f} s")
     held_out = {name: evaluation_examples(tokenizer, view, recipe.progress_examples) for name, view in views.items()}
 
-    progress(f"ARM pretraining: {recipe.arm.steps} steps of {recipe.arm.batch_size} sequences")
-    began = time.perf_counter()
-    arm = train(Transformer(arm_config, rngs=nnx.Rngs(recipe.init_seed)), corpora[ARM], recipe.arm, work / ARM,
-                evaluate=lambda model: accuracies(model, held_out[ARM]), progress=progress)
-    timings["arm_training_s"] = time.perf_counter() - began
+    def stage(name, title, start, config, view, keep=2):
+        progress(f"{title}: {config.steps} steps of {config.batch_size} sequences")
+        began = time.perf_counter()
+        model = train(start, corpora[view], config, work / name, keep=keep,
+                      evaluate=lambda model: accuracies(model, held_out[view]), progress=progress)
+        timings[f"{name}_training_s"] = time.perf_counter() - began
+        return model
 
-    progress(f"ARM → MDM adaptation: {recipe.mdm.steps} steps of {recipe.mdm.batch_size} sequences")
-    began = time.perf_counter()
-    mdm = train(with_config(arm, mdm_config), corpora[MDM], recipe.mdm, work / MDM, keep=None,
-                evaluate=lambda model: accuracies(model, held_out[MDM]), progress=progress)
-    timings["mdm_training_s"] = time.perf_counter() - began
+    arm = stage(ARM, "ARM pretraining", Transformer(arm_config, rngs=nnx.Rngs(recipe.init_seed)), recipe.arm, ARM)
+    as_mdm = with_config(arm, mdm_config)
+    models = {ARM: arm,
+              MDM: stage(MDM, "ARM → MDM adaptation", as_mdm, recipe.mdm, MDM, keep=None),
+              CONTINUED_ARM: stage(CONTINUED_ARM, "control: the ARM trained on, causal", arm, recipe.continued_arm,
+                                   ARM),
+              MDM_SEED_2: stage(MDM_SEED_2, "control: the adaptation with another seed", as_mdm, recipe.mdm_seed_2,
+                                MDM)}
 
     steps = _spread(recipe.mdm.steps, recipe.trajectory, saved_steps(work / MDM))
-    along = {0: with_config(arm, mdm_config), steps[-1]: mdm}
-    along |= {step: restore_params(work / MDM, along[0], step) for step in steps[1:-1]}
-    checkpoint.save(directory / ARM, arm, tokenizer)
-    checkpoint.save(directory / MDM, mdm, tokenizer)
+    along = {0: as_mdm, steps[-1]: models[MDM]}
+    along |= {step: restore_params(work / MDM, as_mdm, step) for step in steps[1:-1]}
+    for name, model in models.items():
+        checkpoint.save(directory / name, model, tokenizer if name == ARM else None)
     shutil.rmtree(directory / TRAJECTORY, ignore_errors=True)
     for step in steps[1:-1]:  # step 0 is the ARM's weights, the last step the MDM's
         checkpoint.save(directory / TRAJECTORY / f"step_{step:06d}", along[step])
-    for name in (ARM, MDM, TRAJECTORY):
+    for name in (*MODELS, TRAJECTORY):
         _remove_commit_markers(directory / name)
 
-    progress(f"evaluating on {recipe.eval_examples} held-out questions per task")
+    progress(f"evaluating on {recipe.eval_examples} questions per task and split")
     began = time.perf_counter()
     summary, trajectory_accuracy, trajectory_loss = _evaluate(
-        tokenizer, views, corpora[ARM], {ARM: arm, MDM: mdm}, {step: along[step] for step in steps},
-        recipe.eval_examples, progress)
+        tokenizer, views, corpora[ARM], models, {step: along[step] for step in steps}, recipe.eval_examples,
+        progress)
     timings["evaluation_s"] = time.perf_counter() - began
     result = {
-        "recipe": recipe.to_dict(),
+        "recipe": recipe.to_dict() | {"continued_arm": dataclasses.asdict(recipe.continued_arm),
+                                      "mdm_seed_2": dataclasses.asdict(recipe.mdm_seed_2)},
         "train_seed": TRAIN_SEED,
         "eval_seed": EVAL_SEED,
         "timings": timings,
         **summary,
-        "sample_accuracy": {name: accuracies(model, held_out[name]) for name, model in ((ARM, arm), (MDM, mdm))},
+        "sample_accuracy": {name: accuracies(model, held_out[_view(model)]) for name, model in models.items()},
         "trajectory_steps": steps,
         "trajectory_accuracy": dict(zip(map(str, steps), trajectory_accuracy)),
         "trajectory_masked_diffusion_loss": dict(zip(map(str, steps), trajectory_loss)),
-        "sizes_bytes": {name: _directory_size(directory / name) for name in (ARM, MDM, TRAJECTORY)},
+        "parameters": sum(leaf.size for leaf in jax.tree.leaves(nnx.state(arm, nnx.Param))),
+        "sizes_bytes": {name: _directory_size(directory / name) for name in (*MODELS, TRAJECTORY)},
     }
     (directory / REPORT).write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
-def _evaluate(tokenizer, views, arm_corpus, pair, trajectory, n, progress):
-    """(summary, accuracies, losses): the pair's accuracy on every held-out question and on those never seen
-    in training; the accuracy and masked diffusion loss of each trajectory model under MDM settings."""
-    evaluation = {name: evaluation_examples(tokenizer, view, n) for name, view in views.items()}
-    unseen = _unseen(arm_corpus, evaluation[ARM])
-    solved = {name: solved_by_task(model, evaluation[name]) for name, model in pair.items()}
-    loss_corpus = corpus(tokenizer, views[MDM], n, seed=EVAL_SEED)
-    accuracy, loss = [], []
+def _view(model: Transformer) -> str:
+    return MDM if model.config.is_mdm else ARM
+
+
+def _evaluate(tokenizer, views, arm_corpus, models, trajectory, n, progress):
+    """(summary, accuracies, losses): every model's accuracy per split (each in its own view), the share of
+    each split's questions found in the training corpus; the test-split accuracy and masked diffusion loss
+    of each trajectory model under MDM settings."""
+    evaluation = {split.value: {name: evaluation_examples(tokenizer, view, n, split) for name, view in views.items()}
+                  for split in SPLITS}
+    accuracy = {name: {split: accuracies(model, posed[_view(model)]) for split, posed in evaluation.items()}
+                for name, model in models.items()}
+    seen = {split: {task: float(np.mean(hits)) for task, hits in in_corpus(arm_corpus, posed[ARM]).items()}
+            for split, posed in evaluation.items()}
+    loss_corpus = corpus(tokenizer, views[MDM], n, seed=EVAL_SEED, split=Split.TEST)
+    trajectory_accuracy, loss = [], []
     for step, model in trajectory.items():
-        accuracy.append(accuracies(model, evaluation[MDM]))
+        trajectory_accuracy.append(accuracies(model, evaluation[Split.TEST.value][MDM]))
         loss.append(held_out_loss(model, loss_corpus))
         progress(f"  adaptation step {step}: masked diffusion loss {loss[-1]:.3f}  "
-                 + "  ".join(f"{task} {value:.3f}" for task, value in accuracy[-1].items()))
-    summary = {
-        "accuracy": {name: _mean(by_task) for name, by_task in solved.items()},
-        "accuracy_on_unseen_questions": {
-            name: {task: float(np.mean(hits[unseen[task]])) if unseen[task].any() else None
-                   for task, hits in by_task.items()} for name, by_task in solved.items()},
-        "eval_questions_seen_in_training": {task: float(1 - np.mean(mask)) for task, mask in unseen.items()},
-    }
-    return summary, accuracy, loss
+                 + "  ".join(f"{task} {value:.3f}" for task, value in trajectory_accuracy[-1].items()))
+    return {"accuracy": accuracy, "eval_questions_in_training": seen}, trajectory_accuracy, loss
 
 
 def _spread(total: int, count: int, saved: list[int]) -> list[int]:
@@ -278,20 +307,25 @@ QUICK = Recipe(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, d_mlp=64, exampl
 """A smoke test of the whole pipeline in seconds (a tiny model that learns little)."""
 
 
+LABELS = {ARM: "ARM (causal, greedy)", MDM: "MDM (bidirectional, diffusion)",
+          CONTINUED_ARM: "continued ARM (causal, greedy)", MDM_SEED_2: "MDM seed 2 (bidirectional, diffusion)"}
+
+
 def accuracy_table(report: dict) -> str:
-    """The report's accuracies as Markdown: the pair (on every held-out question, and on those whose prompt
-    never occurred in training), then the adaptation trajectory."""
-    tasks = list(report["accuracy"]["arm"])
+    """The report's accuracies as Markdown: every model on the test split (questions never seen in training)
+    and on fresh train-split questions, the share of each split found in the corpus, then the trajectory."""
+    tasks = list(report["accuracy"][ARM][Split.TEST.value])
 
     def cells(scores):
-        return " | ".join("—" if scores[task] is None else f"{scores[task]:.3f}" for task in tasks)
+        return " | ".join(f"{scores[task]:.3f}" for task in tasks)
 
-    lines = ["| model | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
-    for name, label in (("arm", "ARM (causal, greedy)"), ("mdm", "MDM (bidirectional, diffusion)")):
-        lines.append(f"| {label} | {cells(report['accuracy'][name])} |")
-        lines.append(f"| {label}, unseen prompts only | {cells(report['accuracy_on_unseen_questions'][name])} |")
-    seen = report["eval_questions_seen_in_training"]
-    lines.append("| share of prompts seen in training | " + " | ".join(f"{seen[task]:.3f}" for task in tasks) + " |")
+    lines = ["| model | split | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 2) + "|"]
+    for split in SPLITS:
+        for name, label in LABELS.items():
+            lines.append(f"| {label} | {split.value} | {cells(report['accuracy'][name][split.value])} |")
+    for split in SPLITS:
+        lines.append(f"| share of questions in the training corpus | {split.value} | "
+                     f"{cells(report['eval_questions_in_training'][split.value])} |")
     lines += ["", "| adaptation step | masked diffusion loss | " + " | ".join(tasks) + " |",
               "|---" * (len(tasks) + 2) + "|"]
     for step, scores in report["trajectory_accuracy"].items():
