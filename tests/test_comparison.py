@@ -51,14 +51,25 @@ def test_the_comparison_writes_the_whole_report(finished):
     report = (finished / "report.md").read_text()
     assert all(f"figures/{name}" in report for name in figures)
     summary = json.loads((finished / "summary.json").read_text())
-    assert [f["verdict"] in (SUPPORTS, CONTRADICTS, CANNOT_TELL) for f in summary["findings"]] == [True] * 3
+    assert [f["verdict"] in (SUPPORTS, CONTRADICTS, CANNOT_TELL) for f in summary["findings"]] == [True] * 4
     ioi = summary["tasks"]["ioi"]
     assert ioi["questions"] == 8 and set(ioi["accuracy"]) == set(summary["models"])
     overlap = ioi["overlap"]["ARM vs MDM"]
     assert 0 <= overlap["low"] <= overlap["high"] <= 1 and overlap["point"] > ioi["chance_overlap"]["mean"]
-    assert summary["models"]["ARM as MDM"] == "query format" and summary["models"]["step 300"] == "trajectory"
+    assert summary["models"]["ARM as MDM"] == "query format" and summary["models"]["step 500"] == "trajectory"
+    # The shipped controls come by default, each set beside its baseline for every measure.
+    assert summary["models"]["continued ARM"] == summary["models"]["MDM seed 2"] == "control"
+    contrasts = ioi["contrasts"]
+    assert list(contrasts) == ["ARM vs MDM", "ARM vs continued ARM", "MDM vs MDM seed 2", "ARM vs ARM as MDM"]
+    for measures in contrasts.values():
+        assert 0 <= measures["overlap"]["low"] <= measures["overlap"]["high"] <= 1
+        assert measures["entropy"]["low"] <= measures["entropy"]["point"] <= measures["entropy"]["high"]
+    assert contrasts["ARM vs MDM"]["overlap"] == overlap
+    assert "ARM vs MDM beside the controls" in report and "| edge overlap (Jaccard) |" in report
+    controls = summary["findings"][3]
+    assert set(controls["overlap_minus_control"]["ioi"]) == {"ARM vs continued ARM", "MDM vs MDM seed 2"}
     # The circuits are EAP-IG JSON for this graph; the scores every model's mean edge scores.
-    graph = Graph(4, 4, 128)
+    graph = Graph(8, 4, 128)
     scores, circuit = graph.from_json(finished / "circuits" / "ioi_mdm.json")
     assert circuit.sum() > 0 and np.isfinite(scores).all()
     with np.load(finished / "scores" / "countdown.npz") as stored:
@@ -126,3 +137,21 @@ def test_smollm2_as_an_arm_and_read_as_an_mdm(smollm2, tmp_path):
     # The MDM and the ARM's weights posed as an MDM are the same model here: their circuits coincide.
     assert summary["tasks"]["ioi"]["overlap"]["MDM vs ARM as MDM"]["point"] == 1.0
     assert (tmp_path / "out" / "report.html").exists()
+
+
+@pytest.mark.parametrize("arm_mdm, verdict", [(0.3, SUPPORTS), (0.9, CONTRADICTS), (0.75, CANNOT_TELL)])
+def test_the_controls_finding_follows_its_rule(arm_mdm, verdict):
+    """Finding 4 on hand-made overlaps: ARM-MDM below both controls' overlaps supports it, above one of them
+    contradicts it, between the two (within the noise of one) cannot tell."""
+    from mdm_circuits.comparison import findings
+
+    pairs = [["ARM", "MDM"], ["ARM", "continued ARM"], ["MDM", "MDM seed 2"]]
+    points = np.array([arm_mdm, 0.8, 0.7])
+    noise = np.random.default_rng(0).normal(0, 0.01, (200, 3))
+    noise[:, 2] *= 1 if verdict != CANNOT_TELL else 8
+    found = {"pairs": pairs, "ks": [10], "headline_k": 10, "jaccard": {"point": points[:, None].tolist()}}
+    replicates = {"jaccard_headline": points + noise}
+    controls = [("ARM", "continued ARM"), ("MDM", "MDM seed 2")]
+    judged = findings.fourth({"ioi": found}, {"ioi": replicates}, controls)
+    assert judged["verdict"] == verdict, judged["evidence"]
+    assert findings.fourth({"ioi": found}, {"ioi": replicates}, [])["verdict"] == findings.NOT_MEASURED

@@ -306,6 +306,11 @@ def test_a_number_of_examples_that_is_not_a_positive_integer(words, n):
         ioi.examples(words, n)
 
 
+def test_an_unknown_split(words):
+    with pytest.raises(BatchError, match="unknown split 'dev'; the splits are all, train, test"):
+        ioi.examples(words, 4, split="dev")
+
+
 def test_a_max_length_that_is_not_positive(words):
     with pytest.raises(BatchError, match="max_length must be a positive integer"):
         ioi.examples(words, 4, max_length=0)
@@ -460,7 +465,7 @@ def test_organisms_refusals(tmp_path):
     (dict(tasks=("ioi", "sudoku")), "unknown or no task(s) ['sudoku']"),
     (dict(pool=3), "cannot be split into halves"),
     (dict(arm="somewhere"), "give both --arm and --mdm"),
-    (dict(controls=(("MDM", "x"),)), "control names must be distinct and not ARM, MDM"),
+    (dict(controls=(("MDM", "x"),)), "control names must be distinct and not 'ARM', 'MDM'"),
     (dict(order="backwards"), "order must be left_to_right"),
     (dict(steps=0), "steps must be positive"),
 ])

@@ -76,6 +76,8 @@ def add_parser(commands, common: argparse.ArgumentParser, positive) -> None:
                        help=f"comma-separated tasks (default: all of {', '.join(TASKS)})")
     study.add_argument("--pool", type=positive, default=defaults.pool, help="questions both models solve, per task")
     study.add_argument("--budget", type=positive, default=defaults.budget, help="questions drawn at most, per task")
+    study.add_argument("--split", choices=("test", "train", "all"), default=defaults.split,
+                       help="the tasks' questions to pool (test: held out from the default pair's training)")
     study.add_argument("--method", default=defaults.method, choices=["eap", "eap_ig_inputs", "eap_ig_activations"])
     study.add_argument("--steps", type=positive, default=defaults.steps, help="integration steps of EAP-IG")
     study.add_argument("--protocol", default=defaults.protocol, choices=["single", "multi"],
@@ -110,8 +112,9 @@ def add_parser(commands, common: argparse.ArgumentParser, positive) -> None:
 
 def run(args: argparse.Namespace) -> None:
     settings = Settings(arm=args.arm, mdm=args.mdm, mdm_kind=args.mdm_kind, controls=tuple(args.control),
-                        tasks=args.tasks, pool=args.pool, budget=args.budget, method=args.method, steps=args.steps,
-                        protocol=args.protocol, denoising_steps=args.denoising_steps, order=args.order, ks=args.ks,
+                        tasks=args.tasks, pool=args.pool, budget=args.budget, split=args.split, method=args.method,
+                        steps=args.steps, protocol=args.protocol, denoising_steps=args.denoising_steps,
+                        order=args.order, ks=args.ks,
                         ablation=args.ablation, seed=args.seed, bootstrap=args.bootstrap, null_draws=args.null_draws,
                         splits=args.splits, causal_size=args.causal_size, causal_draws=args.causal_draws,
                         max_length=args.max_length, batch_size=args.batch_size,

@@ -14,6 +14,10 @@ combined replicate by replicate, their pools being independent).
 3. The ARM relies on a few sharply specialised components, the MDM on distributed integration. Supported when,
    on IOI and on Countdown (or on every task run, if not both), the MDM's importance entropy exceeds the
    ARM's (interval of the difference above 0); contradicted when it is below on every one of them.
+4. The change from ARM to MDM is larger than what further causal training or another adaptation seed brings
+   (the controls). Supported when, on every task, the ARM-MDM overlap is below each control's overlap with
+   its baseline (ARM vs continued ARM, MDM vs MDM seed 2: interval of the difference below 0); contradicted
+   when, on every task, it is above at least one of them; not measured without controls.
 Otherwise the run cannot tell; a finding whose tasks were not run is not measured.
 """
 
@@ -28,16 +32,18 @@ STATEMENTS = (
     "On IOI the MDM largely keeps the ARM's circuit (high edge overlap).",
     "On Countdown the MDM abandons inherited pathways, with more processing in early layers.",
     "The ARM relies on a few sharply specialised components, the MDM on distributed integration.",
+    "The ARM → MDM change exceeds what further causal training or another adaptation seed brings.",
 )
 
 
-def _pair_index(found: dict) -> int:
-    return [tuple(pair) for pair in found["pairs"]].index(("ARM", "MDM"))
+def _pair_index(found: dict, pair: tuple[str, str]) -> int:
+    pairs = [tuple(p) for p in found["pairs"]]
+    return pairs.index(pair) if pair in pairs else pairs.index(pair[::-1])
 
 
-def _overlap(found: dict, replicates: dict) -> tuple[float, np.ndarray]:
-    pair, column = _pair_index(found), found["ks"].index(found["headline_k"])
-    return found["jaccard"]["point"][pair][column], replicates["jaccard_headline"][:, pair]
+def _overlap(found: dict, replicates: dict, pair: tuple[str, str] = ("ARM", "MDM")) -> tuple[float, np.ndarray]:
+    index, column = _pair_index(found, pair), found["ks"].index(found["headline_k"])
+    return found["jaccard"]["point"][index][column], replicates["jaccard_headline"][:, index]
 
 
 def _ci(values: np.ndarray) -> tuple[float, float]:
@@ -117,7 +123,30 @@ def third(structures: dict, replicates: dict) -> dict:
                                   for t, (p, ci) in rows.items())}
 
 
-def judge(structures: dict, replicates: dict) -> list[dict]:
-    """Each finding's statement, verdict and evidence."""
-    return [{"finding": statement} | rule(structures, replicates)
-            for statement, rule in zip(STATEMENTS, (first, second, third))]
+def fourth(structures: dict, replicates: dict, controls: list[tuple[str, str]]) -> dict:
+    if not controls:
+        return {"verdict": NOT_MEASURED, "evidence": "no control was run"}
+    if not structures:
+        return {"verdict": NOT_MEASURED, "evidence": "no task was run"}
+    rows, below, above = {}, [], []
+    for task, found in structures.items():
+        point, values = _overlap(found, replicates[task])
+        rows[task] = {}
+        for pair in controls:
+            control_point, control_values = _overlap(found, replicates[task], pair)
+            ci = _ci(values - control_values)
+            rows[task][f"{pair[0]} vs {pair[1]}"] = {"point": point - control_point, "interval": list(ci)}
+        below.append(all(row["interval"][1] < 0 for row in rows[task].values()))
+        above.append(any(row["interval"][0] > 0 for row in rows[task].values()))
+    verdict = SUPPORTS if all(below) else CONTRADICTS if all(above) else CANNOT_TELL
+    evidence = "; ".join(f"{task}: " + ", ".join(
+        f"ARM-MDM minus {pair} overlap {row['point']:+.3f} [{row['interval'][0]:+.3f}, {row['interval'][1]:+.3f}]"
+        for pair, row in by_pair.items()) for task, by_pair in rows.items())
+    return {"verdict": verdict, "overlap_minus_control": rows, "evidence": evidence}
+
+
+def judge(structures: dict, replicates: dict, controls: list[tuple[str, str]] = ()) -> list[dict]:
+    """Each finding's statement, verdict and evidence. `controls`: the (baseline, control) pairs that the
+    fourth finding sets beside ARM vs MDM."""
+    rules = (first, second, third, lambda s, r: fourth(s, r, list(controls)))
+    return [{"finding": statement} | rule(structures, replicates) for statement, rule in zip(STATEMENTS, rules)]

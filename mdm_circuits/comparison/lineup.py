@@ -1,10 +1,11 @@
 """The models a comparison runs: the ARM, the MDM post-trained from it, and the controls.
 
-- The default pair (no `--arm`/`--mdm`) brings its adaptation trajectory: step 0 is the ARM's weights posed
-  as an MDM (the query-format control), then the checkpoints along the adaptation (the last is the MDM).
+- The default pair (no `--arm`/`--mdm`) brings its two controls, the continued ARM and the MDM's second seed,
+  and its adaptation trajectory: step 0 is the ARM's weights posed as an MDM (the query-format control), then
+  the checkpoints along the adaptation (the last is the MDM).
 - A given pair brings the ARM's weights posed as an MDM when both share an architecture.
 - `--control NAME=DIR` adds any model: a continued ARM, another seed, checkpoints. A model with a mask token
-  is posed the MDM view, any other the ARM view.
+  is posed the MDM view and set beside the MDM, any other the ARM view, beside the ARM.
 
 A directory is a converted model (`mdm-circuits convert`) or a Hugging Face checkpoint, converted on the fly.
 """
@@ -23,6 +24,7 @@ from mdm_circuits.model import checkpoint
 from mdm_circuits.model.transformer import Transformer, with_config
 
 QUERY_FORMAT = "ARM as MDM"
+SHIPPED_CONTROLS = {organisms.CONTINUED_ARM: "continued ARM", organisms.MDM_SEED_2: "MDM seed 2"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +40,16 @@ class Member:
     @property
     def is_mdm(self) -> bool:
         return self.model.config.is_mdm
+
+    @property
+    def baseline(self) -> str | None:
+        """The model this one is set beside: the ARM for the query-format control and causal controls, the
+        MDM for MDM controls."""
+        if self.role == "query format":
+            return "ARM"
+        if self.role == "control":
+            return "MDM" if self.is_mdm else "ARM"
+        return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +67,17 @@ class Lineup:
     @property
     def names(self) -> list[str]:
         return [member.name for member in self.members]
+
+    @property
+    def contrasts(self) -> list[tuple[str, str]]:
+        """ARM vs MDM, then each control beside its baseline (ARM vs ARM as MDM, ARM vs continued ARM, MDM vs
+        MDM seed 2...)."""
+        return [("ARM", "MDM")] + [(m.baseline, m.name) for m in self.members if m.baseline is not None]
+
+    @property
+    def controls(self) -> list[tuple[str, str]]:
+        """The training controls beside their baselines (the contrasts less ARM vs MDM and the query format)."""
+        return [(m.baseline, m.name) for m in self.members if m.role == "control"]
 
     @property
     def trajectory(self) -> list[Member]:
@@ -84,6 +107,7 @@ def load(settings: Settings) -> Lineup:
         arm, mdm, tokenizer = organisms.load()
         steps = organisms.trajectory_steps()
         members = [Member("ARM", arm, "arm"), Member("MDM", mdm, "mdm", steps[-1])]
+        members += [Member(label, organisms.control(name), "control") for name, label in SHIPPED_CONTROLS.items()]
         for step in steps[:-1]:  # the last checkpoint is the MDM itself
             model = organisms.trajectory_model(step)
             members.append(Member(QUERY_FORMAT, model, "query format", 0) if step == 0

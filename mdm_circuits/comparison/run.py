@@ -64,11 +64,12 @@ def compare(settings: Settings, directory: str | Path, *, fresh: bool = False, r
                        rows, settings, reporter)
         results[task] = {"pool": drawn, "scores": scored, "structure": found, "semantics": meaning,
                          "causal": checked, "robustness": robust, "means": [r.mean(0) for r in rows]}
+        results[task]["contrasts"] = compose.contrasts(results[task], models.contrasts)
     replicates = {task: store.arrays(f"structure-{task}") for task in settings.tasks}
-    verdicts = findings.judge({t: r["structure"] for t, r in results.items()}, replicates)
+    verdicts = findings.judge({t: r["structure"] for t, r in results.items()}, replicates, models.controls)
     reporter.begin("writing the report")
     mdm = models["MDM"]
-    described = compose.Models(roles={m.name: m.role for m in models.members},
+    described = compose.Models(roles={m.name: m.role for m in models.members}, contrasts=models.contrasts,
                                trajectory=[(m.name, m.step) for m in models.trajectory[:-1]],
                                final_step=mdm.step or 0, source=models.source,
                                read_offset=mdm.model.config.read_offset, mask_token=mdm.model.config.mask_token_id)

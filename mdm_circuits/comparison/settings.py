@@ -13,6 +13,7 @@ from typing import Literal
 
 from mdm_circuits.errors import UsageError
 from mdm_circuits.tasks import TASKS
+from mdm_circuits.tasks.splits import Split
 
 Protocol = Literal["single", "multi"]
 MdmKind = Literal["dream", "diffullama", "llada"]
@@ -24,11 +25,13 @@ class Settings:
 
     Attributes:
       arm, mdm: model directories (converted, or Hugging Face checkpoints to convert); None for both takes the
-        default pair shipped with the package, with its adaptation trajectory as controls.
+        default pair shipped with the package, with its controls and its adaptation trajectory.
       mdm_kind: how to read a Hugging Face MDM whose config cannot tell (DiffuLLaMA is a plain Llama config).
       controls: extra models as (name, directory): a continued ARM, another seed, checkpoints...
       tasks: the tasks compared.
       pool: common-correct questions per task (both models solve them), drawn from at most `budget`.
+      split: the tasks' split the questions come from ("test": held out from the default pair's training;
+        "train"; "all"; see `tasks.splits`).
       method, steps: the attribution method and its integration steps.
       protocol: how the MDM is queried: "single" (every answer position masked, read once) or "multi"
         (`denoising_steps` steps revealing the answer in `order`, attributed at every step, averaged).
@@ -50,6 +53,7 @@ class Settings:
     tasks: tuple[str, ...] = tuple(TASKS)
     pool: int = 200
     budget: int = 2000
+    split: str = "test"
     method: str = "eap_ig_inputs"
     steps: int = 5
     protocol: Protocol = "single"
@@ -80,15 +84,18 @@ class Settings:
                 problems.append(f"{name} must be positive, got {getattr(self, name)}")
         if self.pool < 4:
             problems.append(f"a pool of {self.pool} questions cannot be split into halves for the nulls; use >= 4")
+        if self.split not in {split.value for split in Split}:
+            problems.append(f"split must be test, train or all, got {self.split!r}")
         if self.protocol not in ("single", "multi"):
             problems.append(f"protocol must be single or multi, got {self.protocol!r}")
         if self.order not in ("left_to_right", "confidence", "random"):
             problems.append(f"order must be left_to_right, confidence or random, got {self.order!r}")
         names = [name for name, _ in self.controls]
-        reserved = [n for n in names if n in ("ARM", "MDM", "ARM as MDM") or n.startswith("step ")]
+        builtin = ("ARM", "MDM", "ARM as MDM", "continued ARM", "MDM seed 2")
+        reserved = [n for n in names if n in builtin or n.startswith("step ")]
         if len(set(names)) != len(names) or reserved:
-            problems.append(f"control names must be distinct and not ARM, MDM, 'ARM as MDM' or 'step N' (the "
-                            f"names of the built-in models), got {names}")
+            problems.append(f"control names must be distinct and not {', '.join(map(repr, builtin))} or 'step N' "
+                            f"(the names of the built-in models), got {names}")
         if problems:
             raise UsageError("invalid comparison settings: " + "; ".join(problems))
 

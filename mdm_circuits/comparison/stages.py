@@ -34,6 +34,8 @@ from mdm_circuits.tasks.batch import Example, collate
 from mdm_circuits.tasks.views import View
 
 MAIN_PAIR = ("ARM", "MDM")
+SPECIALISATION = ("entropy", "gini", "top_3_share")
+COMPARED = ("arm", "mdm", "query format", "control")  # the roles the semantics and causal stages measure
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +57,7 @@ def pool(store: RunDirectory, lineup: Lineup, task: str, settings: Settings, rep
     arm, mdm = lineup["ARM"].model, lineup["MDM"].model
     reporter.begin(f"{task}: drawing questions both models solve", settings.pool)
     drawn = common_correct_pool(TASKS[task], lineup.tokenizer, arm, mdm, n=settings.pool, budget=settings.budget,
-                                seed=settings.seed, max_length=settings.max_length,
+                                seed=settings.seed, max_length=settings.max_length, split=settings.split,
                                 progress=lambda _, pooled, n: reporter.update(pooled, n))
     if len(drawn.arm) < 4:
         raise UsageError(f"only {len(drawn.arm)} of {drawn.drawn} {task} questions are solved by both models; raise "
@@ -64,7 +66,8 @@ def pool(store: RunDirectory, lineup: Lineup, task: str, settings: Settings, rep
     accuracy = {}
     for index, member in enumerate(lineup.members):
         sample = TASKS[task].examples(lineup.tokenizer, settings.pool, seed=settings.seed + 1,
-                                      view=View.for_model(member.model.config), max_length=settings.max_length)
+                                      view=View.for_model(member.model.config), max_length=settings.max_length,
+                                      split=settings.split)
         accuracy[member.name] = float(solved(member.model, sample).mean())
         reporter.update(index + 1)
     result = {"drawn": drawn.drawn, "pool_accuracy": {"ARM": drawn.arm_accuracy, "MDM": drawn.mdm_accuracy},
@@ -240,10 +243,15 @@ def structure_stage(store: RunDirectory, task: str, graph: Graph, names: list[st
         "layers": {name: structure.layer_distribution(graph, i).tolist() for name, i in importance.items()},
         "centre_of_mass": {name: _interval(point[n_curves + m], com[:, m]) for m, name in enumerate(names)},
         "specialisation": {name: {measure: _interval(point[n_curves + n_models + 3 * m + j], special[:, m, j])
-                                  for j, measure in enumerate(("entropy", "gini", "top_3_share"))}
+                                  for j, measure in enumerate(SPECIALISATION)}
                            for m, name in enumerate(names)},
         "top_components": {name: [[graph.sources[row].name, float(i[row])]
                                   for row in semantics.important_rows(graph, i, 10)] for name, i in importance.items()},
+        "differences": {f"{names[a]} vs {names[b]}": {
+            "centre_of_mass": _interval(point[n_curves + b] - point[n_curves + a], com[:, b] - com[:, a])} | {
+            measure: _interval(point[n_curves + n_models + 3 * b + j] - point[n_curves + n_models + 3 * a + j],
+                               special[:, b, j] - special[:, a, j])
+            for j, measure in enumerate(SPECIALISATION)} for a, b in pairs},
     }
     headline_column = ks.index(headline)
     store.save(f"structure-{task}", result, {
@@ -263,7 +271,7 @@ def semantics_stage(store: RunDirectory, lineup: Lineup, drawn: dict, task: str,
     done = store.load(f"semantics-{task}")
     if done is not None:
         return done
-    members = [lineup[name] for name in lineup.names if lineup[name].role in ("arm", "mdm", "query format")]
+    members = [member for member in lineup.members if member.role in COMPARED]
     examples = posed(lineup, drawn, settings, protocol="single", members=members)
     reporter.begin(f"{task}: logit lens and neurons", len(members))
     result = {}
@@ -308,7 +316,7 @@ def causal_stage(store: RunDirectory, lineup: Lineup, drawn: dict, task: str, gr
     done = store.load(f"causal-{task}")
     if done is not None:
         return done
-    members = [lineup[name] for name in lineup.names if lineup[name].role in ("arm", "mdm", "query format")]
+    members = [member for member in lineup.members if member.role in COMPARED]
     important = {m.name: causal.important_early(graph, np.asarray(found["importance"][m.name]), settings.causal_size)
                  for m in members}
     shared = np.logical_and.reduce([important[name] for name in MAIN_PAIR])

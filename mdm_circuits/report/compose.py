@@ -36,10 +36,12 @@ def _headline(found: dict, pair: tuple[str, str]) -> dict | None:
 @dataclasses.dataclass(frozen=True)
 class Models:
     """What the report needs to know of the compared models: names and roles in order ("arm", "mdm", "query
-    format", "trajectory", "control"), the adaptation checkpoints as (name, step), where they came from, and
-    the MDM's readout offset and mask token."""
+    format", "trajectory", "control"), the contrasts (ARM vs MDM, then each control beside its baseline), the
+    adaptation checkpoints as (name, step), where they came from, and the MDM's readout offset and mask
+    token."""
 
     roles: dict[str, str]
+    contrasts: list[tuple[str, str]]
     trajectory: list[tuple[str, int]]
     final_step: int
     source: str
@@ -51,7 +53,7 @@ class Models:
         return list(self.roles)
 
     def main(self) -> list[str]:
-        return [name for name, role in self.roles.items() if role in ("arm", "mdm", "query format")]
+        return [name for name, role in self.roles.items() if role in ("arm", "mdm", "query format", "control")]
 
 
 Save = Callable[[str, "bytes | str"], object]
@@ -62,11 +64,49 @@ def _figure(save: Save, name: str, png: bytes, caption: str) -> Figure:
     return Figure(f"figures/{name}.png", png, caption)
 
 
-def _highlighted(models: Models) -> list[tuple[str, str]]:
-    """The pairs drawn on the overlap figure: ARM vs MDM, and every model but the adaptation checkpoints
-    against each of them (the checkpoints have a figure of their own)."""
-    others = [name for name, role in models.roles.items() if role in ("query format", "control")]
-    return [("ARM", "MDM")] + [("ARM", o) for o in others] + [("MDM", o) for o in others]
+def _difference(found: dict, pair: tuple[str, str], measure: str) -> dict:
+    """The second model's measure minus the first's, with its bootstrap interval."""
+    a, b = pair
+    if f"{a} vs {b}" in found["differences"]:
+        return found["differences"][f"{a} vs {b}"][measure]
+    value = found["differences"][f"{b} vs {a}"][measure]
+    return {"point": -value["point"], "low": -value["high"], "high": -value["low"]}
+
+
+def _signed(value: dict) -> str:
+    return f"{value['point']:+.3f} [{value['low']:+.3f}, {value['high']:+.3f}]"
+
+
+def contrasts(result: dict, contrasts: list[tuple[str, str]]) -> dict:
+    """Every measure for each contrast: overlaps, differences (second − first) of layers and specialisation
+    with intervals, shared top components, and the semantic and causal differences (points)."""
+    found, meaning, checked = result["structure"], result["semantics"], result["causal"]["models"]
+    measures = {}
+    for pair in contrasts:
+        a, b = pair
+        top = [{c for c, _ in found["top_components"][name][:5]} for name in pair]
+        measures[f"{a} vs {b}"] = {
+            "overlap": _headline(found, pair) or _headline(found, pair[::-1]),
+            **{measure: _difference(found, pair, measure)
+               for measure in ("centre_of_mass", "entropy", "gini", "top_3_share")},
+            "shared_top_5_components": len(top[0] & top[1]),
+            "neuron_top_10_share": meaning[b]["neuron_top_10_share"] - meaning[a]["neuron_top_10_share"],
+            "kept_after_zeroing": checked[b]["retained"] - checked[a]["retained"],
+        }
+    return measures
+
+
+CONTRAST_ROWS = (
+    ("edge overlap (Jaccard)", lambda m: _ci(m["overlap"])),
+    ("connected-circuit overlap", lambda m: f"{m['overlap']['connected']:.3f}"),
+    ("layer centre of mass, second − first", lambda m: _signed(m["centre_of_mass"])),
+    ("importance entropy, second − first", lambda m: _signed(m["entropy"])),
+    ("importance Gini, second − first", lambda m: _signed(m["gini"])),
+    ("top-3 share, second − first", lambda m: _signed(m["top_3_share"])),
+    ("top-5 components in common", lambda m: f"{m['shared_top_5_components']} of 5"),
+    ("neuron top-10 share, second − first", lambda m: f"{m['neuron_top_10_share']:+.3f}"),
+    ("kept after zeroing important early components, second − first", lambda m: f"{m['kept_after_zeroing']:+.3f}"),
+)
 
 
 def _task_summary(task: str, result: dict) -> dict:
@@ -89,6 +129,7 @@ def _task_summary(task: str, result: dict) -> dict:
                    | {"random_mean": value["random"]["mean"], "middle_late_mean": value["middle_late"]["mean"]}
                    for name, value in result["causal"]["models"].items()},
         "robustness": result["robustness"],
+        "contrasts": result["contrasts"],
     }
 
 
@@ -128,7 +169,7 @@ def _task_blocks(save: Save, task: str, result: dict, models: Models) -> list:
     blocks.append(Table(("model", "accuracy (sample)", f"clean {TASKS[task].METRIC.name}", "corrupted"), tuple(
         (name, f"{drawn['accuracy'][name]:.3f}", f"{clean:.3f}", f"{corrupted:.3f}")
         for name, clean, corrupted in zip(names, scored["clean_metric"], scored["corrupted_metric"]))))
-    blocks.append(_figure(save, f"{task}_overlap", figures.overlaps(task, found, _highlighted(models)),
+    blocks.append(_figure(save, f"{task}_overlap", figures.overlaps(task, found, models.contrasts),
                           f"{task}: Jaccard overlap of top-K edge sets against K, 95% intervals; grey: chance; "
                           f"dotted/dashed: two halves of one model's pool"))
     rows = []
@@ -144,6 +185,14 @@ def _task_blocks(save: Save, task: str, result: dict, models: Models) -> list:
         f"{found['null_split_half']['MDM']['mean'][column]:.3f} (the most overlap sampling noise allows). "
         f"Connected circuits: the top-K edges pruned to paths from the input to the logits "
         f"({', '.join(f'{n} {s}' for n, s in found['connected_size'].items() if n in ('ARM', 'MDM'))} edges)."))
+    if len(models.contrasts) > 1:
+        contrasts = result["contrasts"]
+        blocks.append(Paragraph(
+            "ARM vs MDM beside the controls: each column compares two models on this task's pool (K = "
+            f"{found['headline_k']}; 95% bootstrap intervals). A difference between ARM and MDM means more where "
+            "the controls' columns stay near zero (or, for overlaps, near the split-half ceiling)."))
+        blocks.append(Table(("measure", *contrasts), tuple(
+            (label, *(cell(contrasts[pair]) for pair in contrasts)) for label, cell in CONTRAST_ROWS)))
     blocks.append(_figure(save, f"{task}_layers", figures.layers(task, found, models.main()),
                           f"{task}: share of component importance per layer (centre of mass as a fraction of depth)"))
     blocks.append(Table(("model", "layer centre of mass", "entropy", "Gini", "top-3 share", "top components (s(v))"),
