@@ -30,6 +30,7 @@ from typing import Callable, Literal, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 from jaxtyping import Array, Float
 
 from mdm_circuits.circuits import gradients
@@ -219,6 +220,7 @@ def attribute(
     per_example_dtype: jnp.dtype = jnp.float32,
     progress: Progress | None = None,
     resume: str | Path | None = None,
+    mesh: Mesh | None = None,
 ) -> Scores | list[Scores]:
     """Score every edge of the model's EAP-IG graph for a task.
 
@@ -245,13 +247,17 @@ def attribute(
       progress: called with (examples done, examples in all).
       resume: a file where the running sums are saved after every batch: a run killed part way continues
         from it (if the models, examples and settings are the same) and ends with the same scores.
+      mesh: a device mesh (`mdm_circuits.sharding.make_mesh`): the weights are split over its model axis
+        (tensor parallel), every slice of examples over its data axis (`batch_size` a multiple of it), and
+        the running sums stay on the devices until the end.
     """
     if method == "exact":
         if per_example:
             raise AttributionError("per-example scores come from the gradient methods (eap, eap_ig_inputs, "
                                    "eap_ig_activations); exact patching gives the mean over examples only")
-        return exact_edges(models, batch, metric, ablation=ablation, batch_size=batch_size, progress=progress)
-    chosen = as_models(models)
+        return exact_edges(models, batch, metric, ablation=ablation, batch_size=batch_size, progress=progress,
+                           mesh=mesh)
+    chosen = as_models(models, mesh)
     batch = model_batches(chosen, batch)
     if method not in ("eap", "eap_ig_inputs", "eap_ig_activations"):
         raise AttributionError(f"unknown method {method!r}; use eap, eap_ig_inputs, eap_ig_activations or exact")

@@ -19,6 +19,7 @@ from typing import Sequence
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
 from mdm_circuits.circuits.ablations import Ablation
 from mdm_circuits.circuits.graph import Graph
@@ -84,12 +85,13 @@ def _circuit_metrics_batch(models, batch, weights, partners, ablation, circuit_c
 
 def evaluate(models: Transformer | ModelStack, batch: Batch | Sequence[Batch], circuits, metric: Metric, *,
              ablation: Ablation = Ablation(), batch_size: int = 32, chunk: int = 4,
-             progress: Progress | None = None) -> Evaluation | list[Evaluation]:
+             progress: Progress | None = None, mesh: Mesh | None = None) -> Evaluation | list[Evaluation]:
     """Mean metric of each circuit (`[N, M]` or several, `[C, N, M]`), with the clean and ablated baselines.
 
     For a `ModelStack`, `circuits` is one array for every model or a sequence with one per model (equally
-    many circuits each), `batch` one batch or one per model; one `Evaluation` per model is returned."""
-    chosen = as_models(models)
+    many circuits each), `batch` one batch or one per model; one `Evaluation` per model is returned. With a
+    `mesh` (`mdm_circuits.sharding`), weights are split over its model axis and examples over its data axis."""
+    chosen = as_models(models, mesh)
     graph = Graph.for_model(chosen.configs[0])
     per_model = list(circuits) if chosen.stacked and not isinstance(circuits, np.ndarray) else [circuits] * chosen.size
     if len(per_model) != chosen.size:

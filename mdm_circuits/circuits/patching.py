@@ -15,6 +15,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from mdm_circuits.circuits.ablations import Ablation
 from mdm_circuits.circuits.graph import Graph, Node
@@ -79,9 +80,10 @@ def _edge_effects(model, batch, weights, partners, ablation, edge_chunks, *, met
 
 def exact_edges(models: Transformer | ModelStack, batch: Batch | Sequence[Batch], metric: Metric, *,
                 ablation: Ablation = Ablation(), batch_size: int = 32, edge_chunk: int = 64,
-                progress: Progress | None = None) -> Scores | list[Scores]:
-    """Exact edge scores: each edge ablated alone (its destination reads the ablation value from it)."""
-    chosen = as_models(models)
+                progress: Progress | None = None, mesh: Mesh | None = None) -> Scores | list[Scores]:
+    """Exact edge scores: each edge ablated alone (its destination reads the ablation value from it). With a
+    `mesh` (`mdm_circuits.sharding`), weights are split over its model axis and examples over its data axis."""
+    chosen = as_models(models, mesh)
     batch = model_batches(chosen, batch)
     ablation = fit_ablation(chosen, batch, ablation, batch_size)
     graph = Graph.for_model(chosen.configs[0])
@@ -138,15 +140,16 @@ def _node_effects(model, batch, weights, partners, ablation, patch_chunks, *, me
 
 def patch_nodes(models: Transformer | ModelStack, batch: Batch | Sequence[Batch], metric: Metric, *,
                 nodes: Sequence[Node] | None = None, per_position: bool = False, ablation: Ablation = Ablation(),
-                batch_size: int = 32, chunk: int = 16, progress: Progress | None = None
+                batch_size: int = 32, chunk: int = 16, progress: Progress | None = None, mesh: Mesh | None = None
                 ) -> NodeEffects | list[NodeEffects]:
     """Ablate each node (every source node by default) alone, at all positions or at each position in turn.
 
     A node's output is replaced by its ablation value (the corrupted run's by default) and everything
     downstream recomputes. With `per_position`, one patch per (node, position): every head at every
     position is one vmapped program. A `ModelStack` gives one `NodeEffects` per model, from one program.
+    With a `mesh`, weights are split over its model axis and examples over its data axis.
     """
-    chosen = as_models(models)
+    chosen = as_models(models, mesh)
     batch = model_batches(chosen, batch)
     ablation = fit_ablation(chosen, batch, ablation, batch_size)
     graph = Graph.for_model(chosen.configs[0])
@@ -201,12 +204,13 @@ def _set_effects(model, batch, weights, partners, ablation, set_chunks, *, metri
 
 def ablate_node_sets(models: Transformer | ModelStack, batch: Batch | Sequence[Batch], metric: Metric, sets, *,
                      ablation: Ablation = Ablation("zero"), batch_size: int = 32, chunk: int = 8,
-                     progress: Progress | None = None) -> SetEffects | list[SetEffects]:
+                     progress: Progress | None = None, mesh: Mesh | None = None) -> SetEffects | list[SetEffects]:
     """Ablate each set of nodes together (zeroed by default) at every position, and measure the task metric.
 
     `sets` is bool `[S, n_sources]` (one row per set, in source order), the same for every model of a stack
-    or a sequence with one such array per model (equally many sets). All sets run as one vmapped program."""
-    chosen = as_models(models)
+    or a sequence with one such array per model (equally many sets). All sets run as one vmapped program.
+    With a `mesh`, weights are split over its model axis and examples over its data axis."""
+    chosen = as_models(models, mesh)
     graph = Graph.for_model(chosen.configs[0])
     per_model = list(sets) if chosen.stacked and not isinstance(sets, np.ndarray) else [sets] * chosen.size
     per_model = [np.atleast_2d(np.asarray(s, dtype=bool)) for s in per_model]

@@ -18,8 +18,10 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 from jaxtyping import Array, Float
 
+from mdm_circuits import sharding
 from mdm_circuits.circuits.ablations import Ablation
 from mdm_circuits.circuits.interventions import run
 from mdm_circuits.errors import AttributionError, BatchError
@@ -33,11 +35,19 @@ Progress = Callable[[int, int], None]
 
 @dataclasses.dataclass(frozen=True)
 class Models:
-    """What the per-batch programs take: one model (`axis` None) or a stack on a leading model axis (0)."""
+    """What the per-batch programs take: one model (`axis` None) or a stack on a leading model axis (0), and
+    the mesh its parameters and every slice of examples are placed on (None: the default device)."""
 
     tree: Transformer
     configs: tuple[ModelConfig, ...]
     stacked: bool
+    mesh: Mesh | None = None
+
+    def place(self, tree):
+        """`[M, B, ...]` arrays with their examples split over the mesh's data axis (unchanged without one)."""
+        if self.mesh is None:
+            return tree
+        return jax.tree.map(lambda a: jax.device_put(a, sharding.examples_sharding(self.mesh, a.ndim)), tree)
 
     @property
     def axis(self) -> int | None:
@@ -70,10 +80,14 @@ def for_every_model(function: Callable, model_axis: int | None, in_axes: Sequenc
     return single
 
 
-def as_models(models: Transformer | ModelStack) -> Models:
+def as_models(models: Transformer | ModelStack, mesh: Mesh | None = None) -> Models:
+    """The models as the per-batch programs take them; with a mesh, their parameters placed on it
+    (`sharding.shard_model`: tensor parallel over `model`)."""
+    if mesh is not None:
+        models = sharding.shard_model(models, mesh)
     if isinstance(models, ModelStack):
-        return Models(models.models, models.configs, True)
-    return Models(models, (models.config,), False)
+        return Models(models.models, models.configs, True, mesh)
+    return Models(models, (models.config,), False, mesh)
 
 
 def model_batches(models: Models, batch: Batch | Sequence[Batch]) -> Batch:
@@ -132,14 +146,14 @@ def _slices(batch: Batch, batch_size: int):
         yield start, part
 
 
-def check_metric(models: Models, values: np.ndarray, what: str, offset: int = 0) -> None:
+def check_metric(models: Models, values: np.ndarray, what: str) -> None:
     """Refuse non-finite metric values `[M, B]`, naming the model and the examples."""
     for index, row in enumerate(values):
         bad = np.nonzero(~np.isfinite(row))[0]
         if len(bad):
             raise AttributionError(
                 f"{models.name(index)}the metric is not finite on the {what} run of example(s) "
-                f"{(bad + offset).tolist()[:10]}; check the answer tokens and positions (a token outside the "
+                f"{bad.tolist()[:10]}; check the answer tokens and positions (a token outside the "
                 f"vocabulary, or a probability of zero)")
 
 
@@ -186,13 +200,17 @@ def over_batches(models: Models, batch: Batch, batch_size: int, ablation: Ablati
     """Run `program(part, weights, partners)` over the dataset (`[M, B, ...]`) in slices of `batch_size`.
 
     The program returns, for every model: a sum over the slice's examples weighted by `weights` (0 for
-    padding copies), per-example rows or None, and the clean and the corrupted metric per example. Sums are
-    added up over the slices and divided by the number of examples; non-finite metrics are refused, naming
-    the model and the examples. With `resume` = (file, key), the sums are saved after every slice and a
-    rerun under the same key continues from them; the file is removed when the run is complete.
+    padding copies), per-example rows or None, and the clean and the corrupted metric per example. The sums
+    are added up on the devices (each slice split over the mesh's data axis when the models carry a mesh)
+    and read back once, at the end, then divided by the number of examples; non-finite metrics are refused,
+    naming the model and the examples. With `resume` = (file, key), the sums are read back and saved after
+    every slice, and a rerun under the same key continues from them; the file is removed when the run is
+    complete.
     """
     if batch_size < 1:
         raise AttributionError(f"batch_size must be positive, got {batch_size}")
+    if models.mesh is not None:
+        sharding.check_batch_size(models.mesh, batch_size)
     size = batch.clean.shape[1]
     partner_index = ablation.partners(size)
     saved = None if resume is None else _Resumable(*resume)
@@ -205,24 +223,29 @@ def over_batches(models: Models, batch: Batch, batch_size: int, ablation: Ablati
         if partner_index is not None:
             index = partner_index[start: start + batch_size]
             index = np.concatenate([index, np.repeat(index[:1], part.clean.shape[1] - len(index))])
-            partners = jax.tree.map(lambda a: a[:, index], batch)
-        summed, per_example, clean_metric, corrupted_metric = program(part, jnp.arange(part.clean.shape[1]) < n,
-                                                                      partners)
-        check_metric(models, np.asarray(clean_metric[:, :n]), "clean", start)
-        check_metric(models, np.asarray(corrupted_metric[:, :n]), "corrupted", start)
-        total = total + np.asarray(summed, np.float64)
+            partners = models.place(jax.tree.map(lambda a: a[:, index], batch))
+        weights = jnp.arange(part.clean.shape[1]) < n
+        summed, per_example, clean_metric, corrupted_metric = program(models.place(part), weights, partners)
+        total = total + summed
         if per_example is not None:
-            rows.append(np.asarray(per_example[:, :n]))
-        clean.append(np.asarray(clean_metric[:, :n], np.float64))
-        corrupted.append(np.asarray(corrupted_metric[:, :n], np.float64))
+            rows.append(per_example[:, :n])
+        clean.append(clean_metric[:, :n])
+        corrupted.append(corrupted_metric[:, :n])
         if saved is not None:
+            total, rows, clean, corrupted = jax.device_get((total, rows, clean, corrupted))
             saved.save(start + n, total, rows, clean, corrupted)
         if progress is not None:
             progress(start + n, size)
+    # One read back for the whole run: every slice's rows and metrics joined on the devices first.
+    total, rows, clean, corrupted = jax.device_get((
+        total, jnp.concatenate(rows, axis=1) if rows else None, jnp.concatenate(clean, axis=1),
+        jnp.concatenate(corrupted, axis=1)))
+    clean, corrupted = np.asarray(clean, np.float64), np.asarray(corrupted, np.float64)
+    check_metric(models, clean, "clean")
+    check_metric(models, corrupted, "corrupted")
     if saved is not None:
         saved.path.unlink(missing_ok=True)
-    return Totals(total / size, np.concatenate(rows, axis=1) if rows else None,
-                  np.concatenate(clean, axis=1).mean(axis=1), np.concatenate(corrupted, axis=1).mean(axis=1))
+    return Totals(np.asarray(total, np.float64) / size, rows, clean.mean(axis=1), corrupted.mean(axis=1))
 
 
 def _source_sums(model, batch, weights):
@@ -246,7 +269,8 @@ def fit_ablation(models: Models, batch: Batch, ablation: Ablation, batch_size: i
     size = batch.clean.shape[1]
     sums, counts = 0.0, 0.0
     for start, part in _slices(batch, batch_size):
-        part_sums, part_counts = _source_sums_batch(models.tree, part, jnp.arange(part.clean.shape[1]) < size - start,
+        part_sums, part_counts = _source_sums_batch(models.tree, models.place(part),
+                                                    jnp.arange(part.clean.shape[1]) < size - start,
                                                     model_axis=models.axis)
         sums, counts = sums + part_sums, counts + part_counts
     return jax.vmap(Ablation.fit, in_axes=(None, 0, 0))(ablation, sums, counts)

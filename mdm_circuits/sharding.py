@@ -1,0 +1,120 @@
+"""Device meshes: examples on a `data` axis, weights on a `model` axis.
+
+    from mdm_circuits import sharding
+    mesh = sharding.make_mesh(data=2, model=4)        # 8 devices: 2-way data, 4-way tensor parallel
+    scores = attribute(model, batch, metric, mesh=mesh)
+
+Each parameter has logical axes (`LOGICAL_AXES`: layers, embed, heads, kv_heads, head_dim, mlp, vocab), and a
+strategy maps logical axes to mesh axes:
+- `TENSOR_PARALLEL` (the default): attention heads, key/value heads, MLP width and vocabulary split over
+  `model`, so each device holds 1/model of every large matrix and XLA inserts the all-reduces;
+- `FSDP`: the embedding width split over `data` as well (ZeRO-3 style: weights gathered for each layer's
+  compute, so per-device weight memory falls with the data axis too).
+A dimension its mesh axis does not divide is replicated instead (a model with 2 key/value heads on a 4-way
+`model` axis keeps whole k/v weights on every device). The stacked models of a `ModelStack` keep their
+leading model axis whole; examples are split over `data`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Mapping
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from mdm_circuits.errors import UsageError
+from mdm_circuits.model.transformer import ModelStack, Transformer
+
+DATA, MODEL = "data", "model"
+
+LOGICAL_AXES: Mapping[str, tuple[str | None, ...]] = {
+    "w_q": ("layers", "embed", "heads", "head_dim"),
+    "b_q": ("layers", "heads", "head_dim"),
+    "w_k": ("layers", "embed", "kv_heads", "head_dim"),
+    "b_k": ("layers", "kv_heads", "head_dim"),
+    "w_v": ("layers", "embed", "kv_heads", "head_dim"),
+    "b_v": ("layers", "kv_heads", "head_dim"),
+    "w_o": ("layers", "heads", "head_dim", "embed"),
+    "w_gate": ("layers", "embed", "mlp"),
+    "w_up": ("layers", "embed", "mlp"),
+    "w_down": ("layers", "mlp", "embed"),
+    "embedding": ("vocab", "embed"),
+    "unembedding": ("embed", "vocab"),
+}
+"""The logical axes of each parameter, by its name; any other parameter (norm scales, conventions) is
+replicated."""
+
+TENSOR_PARALLEL: Mapping[str, str] = {"heads": MODEL, "kv_heads": MODEL, "mlp": MODEL, "vocab": MODEL}
+FSDP: Mapping[str, str] = {**TENSOR_PARALLEL, "embed": DATA}
+
+
+def make_mesh(data: int | None = None, model: int = 1, devices: list | None = None) -> Mesh:
+    """A `data` x `model` mesh over `devices` (default: all of them; `data` defaults to what `model` leaves)."""
+    devices = list(jax.devices() if devices is None else devices)
+    if data is None:
+        data = len(devices) // model if model >= 1 else 0
+    if data < 1 or model < 1 or data * model > len(devices):
+        raise UsageError(f"a {data} x {model} (data x model) mesh needs {data * model} devices; "
+                         f"{len(devices)} are available")
+    grid = np.array(devices[: data * model]).reshape(data, model)
+    return Mesh(grid, (DATA, MODEL), axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def _axis_size(mesh: Mesh, axis: str) -> int:
+    return mesh.shape[axis] if axis in mesh.shape else 1
+
+
+def parameter_spec(name: str, shape: tuple[int, ...], mesh: Mesh, rules: Mapping[str, str] = TENSOR_PARALLEL,
+                   leading: int = 0) -> PartitionSpec:
+    """The partition of a parameter called `name` of `shape` (`leading` stacked axes first, kept whole)."""
+    logical = LOGICAL_AXES.get(name)
+    if logical is None or len(logical) != len(shape) - leading:
+        return PartitionSpec()
+    placed = []
+    for axis, size in zip(logical, shape[leading:]):
+        mesh_axis = rules.get(axis)
+        fits = mesh_axis is not None and _axis_size(mesh, mesh_axis) > 1 and size % _axis_size(mesh, mesh_axis) == 0
+        placed.append(mesh_axis if fits else None)
+    return PartitionSpec(*([None] * leading), *placed)
+
+
+def _name(path) -> str:
+    names = [str(getattr(key, "key", getattr(key, "name", key))) for key in path]
+    names = [n for n in names if n != "value"]
+    return names[-1] if names else ""
+
+
+def _placed(model: Transformer, mesh: Mesh, rules: Mapping[str, str], leading: int) -> Transformer:
+    graphdef, state = nnx.split(model)
+
+    def place(path, leaf):
+        stacked = leading if leaf.ndim > leading else 0
+        return jax.device_put(leaf, NamedSharding(mesh, parameter_spec(_name(path), leaf.shape, mesh, rules, stacked)))
+
+    return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(place, state))
+
+
+def shard_model(model: Transformer | ModelStack, mesh: Mesh, rules: Mapping[str, str] = TENSOR_PARALLEL
+                ) -> Transformer | ModelStack:
+    """The model, or every model of a stack, with each parameter placed on `mesh` by `rules`."""
+    if isinstance(model, ModelStack):
+        return dataclasses.replace(model, models=_placed(model.models, mesh, rules, leading=1))
+    return _placed(model, mesh, rules, leading=0)
+
+
+def examples_sharding(mesh: Mesh, ndim: int, axis: int = 1) -> NamedSharding:
+    """Arrays of `ndim` dimensions split over `data` along `axis` (the examples of an `[M, B, ...]` batch)."""
+    spec = [None] * ndim
+    spec[axis] = DATA
+    return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def check_batch_size(mesh: Mesh, batch_size: int) -> None:
+    data = _axis_size(mesh, DATA)
+    if batch_size % data:
+        raise UsageError(f"batch_size {batch_size} does not split over the mesh's {data}-way data axis; use a "
+                         f"multiple of {data} (for example {math.lcm(batch_size, data)})")
