@@ -21,23 +21,14 @@ import jax.numpy as jnp
 from mdm_circuits.circuits.ablations import Ablation
 from mdm_circuits.circuits.attribution import _attribute_batch
 from mdm_circuits.circuits.interventions import run
+from mdm_circuits.circuits.plans import abstract_batch
 from mdm_circuits.model.presets import PRESETS
 from mdm_circuits.model.transformer import abstract_model, parameters
 from mdm_circuits.tasks import metrics
-from mdm_circuits.tasks.batch import Batch
 
 SHAPES = {"smollm2-135m": (jnp.float32, 32, 16), "qwen2.5-7b": (jnp.bfloat16, 8, 64),
           "llama-2-7b": (jnp.bfloat16, 8, 64)}
 MiB = 2**20
-
-
-def _abstract_batch(models: int, batch: int, length: int) -> Batch:
-    def shaped(*shape, dtype=jnp.int32):
-        return jax.ShapeDtypeStruct((models, batch, *shape), dtype)
-
-    return Batch(clean=shaped(length), corrupted=shaped(length), valid=shaped(length, dtype=bool),
-                 answer_positions=shaped(1), answer_mask=shaped(1, dtype=bool), correct=shaped(1, 1),
-                 correct_mask=shaped(1, 1, dtype=bool), incorrect=shaped(1, 1), incorrect_mask=shaped(1, 1, dtype=bool))
 
 
 def _report(what: str, compiled, seconds: float) -> None:
@@ -75,7 +66,7 @@ def main() -> None:
         _report("intervened forward (logits)", *_compiled(intervened, model, tokens))
         weights = jax.ShapeDtypeStruct((batch,), bool)
         _report("EAP-IG, 5 steps (one batch)", *_compiled(
-            _attribute_batch.__wrapped__, model, _abstract_batch(1, batch, length), weights, None, Ablation(),
+            _attribute_batch.__wrapped__, model, abstract_batch(batch, length), weights, None, Ablation(),
             model_axis=None, metric=metrics.logit_difference, method="eap_ig_inputs", steps=5, step_chunk=1,
             aggregation="sum", per_example=False, rows_dtype=jnp.dtype(jnp.float32)))
 

@@ -64,6 +64,18 @@ def make_mesh(data: int | None = None, model: int = 1, devices: list | None = No
     return Mesh(grid, (DATA, MODEL), axis_types=(AxisType.Auto, AxisType.Auto))
 
 
+def parse_mesh(text: str) -> Mesh:
+    """The mesh a command line names as DATAxMODEL ("2x4", "1x8")."""
+    try:
+        data, model = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise UsageError(f"a mesh is written DATAxMODEL, such as 2x4 or 1x8; got {text!r}") from None
+    if data * model > len(jax.devices()):
+        raise UsageError(f"a {data}x{model} mesh needs {data * model} devices and {len(jax.devices())} are here; on a "
+                         f"CPU, set XLA_FLAGS=--xla_force_host_platform_device_count={data * model} first")
+    return make_mesh(data, model)
+
+
 def _axis_size(mesh: Mesh, axis: str) -> int:
     return mesh.shape[axis] if axis in mesh.shape else 1
 
@@ -88,22 +100,30 @@ def _name(path) -> str:
     return names[-1] if names else ""
 
 
-def _placed(model: Transformer, mesh: Mesh, rules: Mapping[str, str], leading: int) -> Transformer:
+def _placed(model: Transformer, mesh: Mesh, rules: Mapping[str, str], leading: int, put) -> Transformer:
     graphdef, state = nnx.split(model)
 
     def place(path, leaf):
         stacked = leading if leaf.ndim > leading else 0
-        return jax.device_put(leaf, NamedSharding(mesh, parameter_spec(_name(path), leaf.shape, mesh, rules, stacked)))
+        return put(leaf, NamedSharding(mesh, parameter_spec(_name(path), leaf.shape, mesh, rules, stacked)))
 
     return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(place, state))
 
 
+def _abstract(leaf, placement: NamedSharding) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=placement)
+
+
 def shard_model(model: Transformer | ModelStack, mesh: Mesh, rules: Mapping[str, str] = TENSOR_PARALLEL
                 ) -> Transformer | ModelStack:
-    """The model, or every model of a stack, with each parameter placed on `mesh` by `rules`."""
+    """The model, or every model of a stack, with each parameter placed on `mesh` by `rules`. An abstract model
+    (`transformer.abstract_model`: `jax.ShapeDtypeStruct` leaves) gets the shardings without any data."""
+    abstract = isinstance(jax.tree.leaves(nnx.state(model.models if isinstance(model, ModelStack) else model))[0],
+                          jax.ShapeDtypeStruct)
+    put = _abstract if abstract else jax.device_put
     if isinstance(model, ModelStack):
-        return dataclasses.replace(model, models=_placed(model.models, mesh, rules, leading=1))
-    return _placed(model, mesh, rules, leading=0)
+        return dataclasses.replace(model, models=_placed(model.models, mesh, rules, 1, put))
+    return _placed(model, mesh, rules, 0, put)
 
 
 def examples_sharding(mesh: Mesh, ndim: int, axis: int = 1) -> NamedSharding:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import tempfile
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -15,6 +17,9 @@ from mdm_circuits import circuits, sharding
 from mdm_circuits.circuits import runs
 from mdm_circuits.circuits.attribution import attribute
 from mdm_circuits.circuits.patching import ablate_node_sets, patch_nodes
+from mdm_circuits.circuits.plans import program_memory
+from mdm_circuits.comparison import Settings, compare
+from mdm_circuits.comparison.progress import Reporter
 from mdm_circuits.model.config import ModelConfig
 from mdm_circuits.model.transformer import stack
 from mdm_circuits.tasks import metrics
@@ -68,6 +73,15 @@ def reads_back(mesh, n: int) -> int:
     return count[0]
 
 
+def compared(mesh, directory: Path) -> dict[str, np.ndarray]:
+    """Every model's mean edge scores from a small `compare` of the default pair on IOI."""
+    settings = Settings(tasks=("ioi",), pool=8, budget=100, steps=2, bootstrap=10, null_draws=10, splits=2,
+                        causal_draws=2, batch_size=8)
+    compare(settings, directory, reporter=Reporter(), mesh=mesh)
+    with np.load(directory / "scores" / "ioi.npz") as stored:
+        return {str(name): stored[f"edges_{index}"] for index, name in enumerate(stored["names"])}
+
+
 def relative(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
@@ -82,6 +96,12 @@ def main():
     for name, mesh in meshes.items():
         found = results(mesh)
         report["differences"][name] = {key: relative(found[key], reference[key]) for key in reference}
+    report["plan_bytes"] = {name: program_memory(ARM, batch=16, seq_len=8, dtype=np.float32, mesh=mesh).peak_bytes
+                            for name, mesh in (("one device", None), ("2x4", sharding.make_mesh(2, 4)))}
+    with tempfile.TemporaryDirectory() as directory:
+        alone, meshed = (compared(mesh, Path(directory) / name)
+                         for name, mesh in (("one", None), ("mesh", sharding.make_mesh(2, 4))))
+    report["compare"] = {name: relative(meshed[name], alone[name]) for name in alone}
     mesh = sharding.make_mesh(2, 4)
     placed = runs.as_models(random_model(ARM, 0), mesh).place(collate(random_examples(ARM, 8, 3)).clean[None])
     report["examples"] = str(placed.sharding.spec)

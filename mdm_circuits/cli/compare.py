@@ -8,6 +8,7 @@ import time
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from mdm_circuits import sharding
 from mdm_circuits.comparison import Settings, compare
 from mdm_circuits.comparison.progress import Reporter
 from mdm_circuits.errors import UsageError
@@ -102,6 +103,9 @@ def add_parser(commands, common: argparse.ArgumentParser, positive) -> None:
     study.add_argument("--max-length", type=positive, help="leave out questions longer than this many tokens")
     running = compare_parser.add_argument_group("running")
     running.add_argument("--batch-size", type=positive, default=defaults.batch_size)
+    running.add_argument("--mesh", metavar="DATAxMODEL",
+                         help="run attribution and causal checks on a device mesh, such as 2x4 (not a setting: a "
+                              "run may resume on another mesh)")
     running.add_argument("--models-per-program", type=int, default=defaults.models_per_program,
                          help="stack at most this many models of one architecture in one program (0: all)")
     running.add_argument("--out", default="out/compare", help="output directory (a rerun resumes there)")
@@ -126,7 +130,8 @@ def run(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     columns = (TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
-        summary = compare(settings, args.out, fresh=args.fresh, reporter=RichReporter(progress))
+        summary = compare(settings, args.out, fresh=args.fresh, reporter=RichReporter(progress),
+                          mesh=None if args.mesh is None else sharding.parse_mesh(args.mesh))
     console.print(f"done in {time.perf_counter() - start:.0f} s; the paper's findings, by this run:")
     for finding in summary["findings"]:
         console.print(f"  {finding['verdict']:>12}: {finding['finding']}", markup=False)

@@ -18,7 +18,8 @@ import numpy as np
 
 from conversion import config_from_hf, convert
 from conversion.hf_configs import read_config
-from mdm_circuits import organisms
+from mdm_circuits import organisms, sharding
+from mdm_circuits.circuits import plans
 from mdm_circuits.circuits.attribution import attribute
 from mdm_circuits.circuits.evaluation import faithfulness_curve, smallest_faithful
 from mdm_circuits.circuits.graph import Graph, NodeKind
@@ -111,6 +112,19 @@ def _predict(args: argparse.Namespace) -> None:
               f"logit={float(logits[read_at, token]):.3f}")
 
 
+_UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6,
+          "gb": 10**9, "tb": 10**12}
+
+
+def _bytes(text: str) -> int:
+    number = text.strip().rstrip("BbIiKkMmGgTt")
+    unit = text.strip()[len(number):].lower()
+    try:
+        return int(float(number) * _UNITS[unit])
+    except (ValueError, KeyError):
+        raise UsageError(f"--device-memory takes a size such as 80GiB or 141GB; got {text!r}") from None
+
+
 def _plan(args: argparse.Namespace) -> None:
     saved = args.model not in PRESETS and (Path(args.model) / checkpoint.MANIFEST).exists()
     if args.model in PRESETS:
@@ -119,12 +133,33 @@ def _plan(args: argparse.Namespace) -> None:
         config = _config_from_path(Path(args.model), args.ignore_config_field)
     # A saved model is planned in the dtype it was saved in, anything else in bfloat16, unless told.
     dtype = jnp.dtype(args.dtype or (checkpoint.read_manifest(args.model)[1] if saved else "bfloat16"))
-    print(f"compiling a {args.mode} pass of batch {args.batch} x {args.seq_len} tokens, {dtype.name} "
-          f"parameters, without allocating them ...", flush=True)
-    result = plan(config, batch=args.batch, seq_len=args.seq_len, dtype=dtype, mode=args.mode)
     gib = 2**30
+    mesh = None if args.mesh is None else sharding.parse_mesh(args.mesh)
+    where = "" if mesh is None else f" on a {args.mesh} (data x model) mesh, per device"
+    if args.mode in plans.MODES:
+        if args.device_memory is not None:
+            limit = _bytes(args.device_memory)
+            print(f"finding the largest {args.mode} batch of {args.seq_len} tokens that fits {limit / gib:.1f} GiB"
+                  f"{where} ...", flush=True)
+            batch, step_chunk, result = plans.largest_fit(
+                config, limit, mode=args.mode, seq_len=args.seq_len, steps=args.steps, dtype=dtype, mesh=mesh,
+                progress=lambda b, c, p: print(f"  batch {b:5d}, step chunk {c}: peak {p.peak_bytes / gib:8.2f} "
+                                               f"GiB", flush=True))
+            print(f"chosen: --batch-size {batch}" + (f" --step-chunk {step_chunk}" if args.mode == "eap-ig" else ""))
+        else:
+            print(f"compiling one {args.mode} batch of {args.batch} x {args.seq_len} tokens ({args.steps} IG steps, "
+                  f"{args.step_chunk} at once), {dtype.name} parameters{where}, without allocating them ...",
+                  flush=True)
+            result = plans.program_memory(config, mode=args.mode, batch=args.batch, seq_len=args.seq_len,
+                                          steps=args.steps, step_chunk=args.step_chunk, dtype=dtype, mesh=mesh)
+    else:
+        if mesh is not None:
+            raise UsageError("--mesh plans the circuit programs (--mode eap-ig or patching)")
+        print(f"compiling a {args.mode} pass of batch {args.batch} x {args.seq_len} tokens, {dtype.name} "
+              f"parameters, without allocating them ...", flush=True)
+        result = plan(config, batch=args.batch, seq_len=args.seq_len, dtype=dtype, mode=args.mode)
     print(f"parameters:       {result.n_parameters:,} ({result.parameter_bytes / gib:.2f} GiB)")
-    print(f"compiled for {result.backend} in {result.compile_seconds:.1f} s:")
+    print(f"compiled for {result.backend} in {result.compile_seconds:.1f} s{where}:")
     print(f"  arguments       {result.argument_bytes / gib:8.2f} GiB")
     print(f"  outputs         {result.output_bytes / gib:8.2f} GiB")
     print(f"  temporaries     {result.temp_bytes / gib:8.2f} GiB")
@@ -350,8 +385,14 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--seq-len", type=int, default=128)
     plan.add_argument("--dtype", choices=["float32", "bfloat16"],
                       help="parameter dtype (default: a saved model's own, else bfloat16)")
-    plan.add_argument("--mode", default="forward", choices=["forward", "gradient"],
-                      help="gradient: forward + backward to the input embeddings, as attribution runs")
+    plan.add_argument("--mode", default="forward", choices=["forward", "gradient", *plans.MODES],
+                      help="gradient: forward + backward to the input embeddings; eap-ig, patching: one batch of "
+                           "the real attribution or node-patching program")
+    plan.add_argument("--steps", type=int, default=5, help="IG steps (eap-ig)")
+    plan.add_argument("--step-chunk", type=int, default=1, help="IG steps batched together (eap-ig)")
+    plan.add_argument("--mesh", metavar="DATAxMODEL", help="plan per device on a mesh, such as 2x4 (eap-ig, patching)")
+    plan.add_argument("--device-memory", metavar="SIZE",
+                      help="find the largest batch (and step chunk) that fits this much per device, such as 80GiB")
     plan.add_argument("--ignore-config-field", action="append", default=[], metavar="FIELD",
                       help="a config.json field you know does not change the computation (repeatable)")
     plan.set_defaults(run=_plan)

@@ -16,6 +16,7 @@ import dataclasses
 from pathlib import Path
 
 import tokenizers
+from jax.sharding import Mesh
 
 from mdm_circuits import organisms
 from mdm_circuits.comparison.settings import Settings
@@ -54,9 +55,13 @@ class Member:
 
 @dataclasses.dataclass(frozen=True)
 class Lineup:
+    """The models, their tokenizer, where they came from, and the device mesh the circuit programs run on
+    (None: the default device)."""
+
     members: tuple[Member, ...]
     tokenizer: tokenizers.Tokenizer
     source: str
+    mesh: Mesh | None = None
 
     def __getitem__(self, name: str) -> Member:
         for member in self.members:
@@ -102,7 +107,7 @@ def _load(directory: str, kind: str | None) -> tuple[Transformer, tokenizers.Tok
                      f"checkpoint (no config.json)")
 
 
-def load(settings: Settings) -> Lineup:
+def load(settings: Settings, mesh: Mesh | None = None) -> Lineup:
     if settings.arm is None:
         arm, mdm, tokenizer = organisms.load()
         steps = organisms.trajectory_steps()
@@ -138,4 +143,4 @@ def load(settings: Settings) -> Lineup:
         if member.model.config.vocab_size != arm.vocab_size:
             raise UsageError(f"{member.name} has a vocabulary of {member.model.config.vocab_size} tokens, the ARM "
                              f"{arm.vocab_size}: the models of a comparison must share the ARM's tokenizer")
-    return Lineup(tuple(members), tokenizer, source)
+    return Lineup(tuple(members), tokenizer, source, mesh)

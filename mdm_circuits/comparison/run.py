@@ -13,6 +13,8 @@ import json
 import time
 from pathlib import Path
 
+from jax.sharding import Mesh
+
 from mdm_circuits.circuits.graph import Graph
 from mdm_circuits.comparison import findings, lineup, stages
 from mdm_circuits.comparison.progress import Reporter
@@ -38,14 +40,16 @@ class _Timed:
         return result
 
 
-def compare(settings: Settings, directory: str | Path, *, fresh: bool = False, reporter: Reporter | None = None
-            ) -> dict:
-    """Run (or resume) the comparison into `directory` and return its summary (also `summary.json`)."""
+def compare(settings: Settings, directory: str | Path, *, fresh: bool = False, reporter: Reporter | None = None,
+            mesh: Mesh | None = None) -> dict:
+    """Run (or resume) the comparison into `directory` and return its summary (also `summary.json`). With a
+    `mesh` (`mdm_circuits.sharding`), attribution and the causal checks run on it; the results are the same
+    (to float rounding), so a run may resume on another mesh."""
     reporter = reporter or Reporter()
     store = RunDirectory(directory, settings.to_dict(), owned=OUTPUTS, fresh=fresh)
     timed = _Timed(reporter)
     reporter.begin("loading the models")
-    models = timed("loading the models", lineup.load, settings)
+    models = timed("loading the models", lineup.load, settings, mesh)
     graph = Graph.for_model(models["ARM"].model.architecture)
     reporter.note(f"{len(models.members)} models ({', '.join(models.names)}); {graph.n_edges:,} edges")
     results = {}

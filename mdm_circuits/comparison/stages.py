@@ -156,6 +156,7 @@ def _rows(lineup: Lineup, examples: dict[str, Posed], settings: Settings, task: 
         offset = done[0]
         result = attribute(models, batch, metric, method=settings.method, steps=settings.steps,
                            ablation=Ablation(settings.ablation), batch_size=settings.batch_size, per_example=True,
+                           mesh=lineup.mesh,
                            progress=lambda d, n: reporter.update(offset + d * len(names), total))
         done[0] += len(names) * batches[0].size
         return result
@@ -334,7 +335,7 @@ def causal_stage(store: RunDirectory, lineup: Lineup, drawn: dict, task: str, gr
         batches = [collate(examples[name].examples) for name in names]
         result = ablate_node_sets(models, batches if len(names) > 1 else batches[0], metric,
                                   [sets[n] for n in names] if len(names) > 1 else sets[names[0]],
-                                  batch_size=settings.batch_size)
+                                  batch_size=settings.batch_size, mesh=lineup.mesh)
         reporter.update(len(names))
         return result
 
