@@ -58,8 +58,9 @@ def make_mesh(data: int | None = None, model: int = 1, devices: list | None = No
     if data is None:
         data = len(devices) // model if model >= 1 else 0
     if data < 1 or model < 1 or data * model > len(devices):
-        raise UsageError(f"a {data} x {model} (data x model) mesh needs {data * model} devices; "
-                         f"{len(devices)} are available")
+        raise UsageError(f"a {data}x{model} (data x model) mesh needs {data * model} devices and {len(devices)} are "
+                         f"here; on a CPU, XLA_FLAGS=--xla_force_host_platform_device_count={data * model} simulates "
+                         f"them")
     grid = np.array(devices[: data * model]).reshape(data, model)
     return Mesh(grid, (DATA, MODEL), axis_types=(AxisType.Auto, AxisType.Auto))
 
@@ -70,9 +71,6 @@ def parse_mesh(text: str) -> Mesh:
         data, model = (int(part) for part in text.lower().split("x"))
     except ValueError:
         raise UsageError(f"a mesh is written DATAxMODEL, such as 2x4 or 1x8; got {text!r}") from None
-    if data * model > len(jax.devices()):
-        raise UsageError(f"a {data}x{model} mesh needs {data * model} devices and {len(jax.devices())} are here; on a "
-                         f"CPU, set XLA_FLAGS=--xla_force_host_platform_device_count={data * model} first")
     return make_mesh(data, model)
 
 

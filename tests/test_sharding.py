@@ -40,8 +40,10 @@ def test_tensor_parallel_rules_split_heads_mlp_and_vocabulary():
 
 
 def test_meshes_and_batches_that_do_not_fit_are_refused():
-    with pytest.raises(UsageError, match=r"a 4 x 4 \(data x model\) mesh needs 16 devices; 1 are available"):
+    with pytest.raises(UsageError, match=r"a 4x4 \(data x model\) mesh needs 16 devices and 1 are here"):
         sharding.make_mesh(4, 4)
+    with pytest.raises(UsageError, match="a mesh is written DATAxMODEL"):
+        sharding.parse_mesh("2by4")
     with pytest.raises(UsageError, match="batch_size 6 does not split over the mesh's 4-way data axis; use a "
                                          "multiple of 4 \\(for example 12\\)"):
         sharding.check_batch_size(_mesh(4, 2), 6)
@@ -130,4 +132,4 @@ def test_plan_on_the_command_line(capsys):
     assert "compiling one patching batch of 2 x 8 tokens" in printed and "peak estimate" in printed
     with pytest.raises(SystemExit):
         main(["plan", "smollm2-135m", "--mode", "eap-ig", "--mesh", "4x4"])
-    assert "a 4x4 mesh needs 16 devices and 1 are here" in capsys.readouterr().err
+    assert "a 4x4 (data x model) mesh needs 16 devices and 1 are here" in capsys.readouterr().err

@@ -235,6 +235,7 @@ def over_batches(models: Models, batch: Batch, batch_size: int, ablation: Ablati
             total, rows, clean, corrupted = jax.device_get((total, rows, clean, corrupted))
             saved.save(start + n, total, rows, clean, corrupted)
         if progress is not None:
+            jax.block_until_ready(total)  # a wait, not a read: progress counts finished slices
             progress(start + n, size)
     # One read back for the whole run: every slice's rows and metrics joined on the devices first.
     total, rows, clean, corrupted = jax.device_get((
