@@ -36,13 +36,8 @@ STATEMENTS = (
 )
 
 
-def _pair_index(found: dict, pair: tuple[str, str]) -> int:
-    pairs = [tuple(p) for p in found["pairs"]]
-    return pairs.index(pair) if pair in pairs else pairs.index(pair[::-1])
-
-
 def _overlap(found: dict, replicates: dict, pair: tuple[str, str] = ("ARM", "MDM")) -> tuple[float, np.ndarray]:
-    index, column = _pair_index(found, pair), found["ks"].index(found["headline_k"])
+    index, column = [tuple(p) for p in found["pairs"]].index(pair), found["ks"].index(found["headline_k"])
     return found["jaccard"]["point"][index][column], replicates["jaccard_headline"][:, index]
 
 

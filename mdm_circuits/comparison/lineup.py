@@ -76,13 +76,19 @@ class Lineup:
     @property
     def contrasts(self) -> list[tuple[str, str]]:
         """ARM vs MDM, then each control beside its baseline (ARM vs ARM as MDM, ARM vs continued ARM, MDM vs
-        MDM seed 2...)."""
+        MDM seed 2...). The ARM and the MDM are the first two members, so every pair is in member order, as
+        the structure stage's pairs are."""
         return [("ARM", "MDM")] + [(m.baseline, m.name) for m in self.members if m.baseline is not None]
 
     @property
     def controls(self) -> list[tuple[str, str]]:
         """The training controls beside their baselines (the contrasts less ARM vs MDM and the query format)."""
         return [(m.baseline, m.name) for m in self.members if m.role == "control"]
+
+    @property
+    def compared(self) -> list[Member]:
+        """The models the semantics and causal stages measure: all but the adaptation checkpoints."""
+        return [m for m in self.members if m.role != "trajectory"]
 
     @property
     def trajectory(self) -> list[Member]:

@@ -35,7 +35,6 @@ from mdm_circuits.tasks.views import View
 
 MAIN_PAIR = ("ARM", "MDM")
 SPECIALISATION = ("entropy", "gini", "top_3_share")
-COMPARED = ("arm", "mdm", "query format", "control")  # the roles the semantics and causal stages measure
 
 
 @dataclasses.dataclass(frozen=True)
@@ -272,7 +271,7 @@ def semantics_stage(store: RunDirectory, lineup: Lineup, drawn: dict, task: str,
     done = store.load(f"semantics-{task}")
     if done is not None:
         return done
-    members = [member for member in lineup.members if member.role in COMPARED]
+    members = lineup.compared
     examples = posed(lineup, drawn, settings, protocol="single", members=members)
     reporter.begin(f"{task}: logit lens and neurons", len(members))
     result = {}
@@ -317,7 +316,7 @@ def causal_stage(store: RunDirectory, lineup: Lineup, drawn: dict, task: str, gr
     done = store.load(f"causal-{task}")
     if done is not None:
         return done
-    members = [member for member in lineup.members if member.role in COMPARED]
+    members = lineup.compared
     important = {m.name: causal.important_early(graph, np.asarray(found["importance"][m.name]), settings.causal_size)
                  for m in members}
     shared = np.logical_and.reduce([important[name] for name in MAIN_PAIR])

@@ -64,15 +64,6 @@ def _figure(save: Save, name: str, png: bytes, caption: str) -> Figure:
     return Figure(f"figures/{name}.png", png, caption)
 
 
-def _difference(found: dict, pair: tuple[str, str], measure: str) -> dict:
-    """The second model's measure minus the first's, with its bootstrap interval."""
-    a, b = pair
-    if f"{a} vs {b}" in found["differences"]:
-        return found["differences"][f"{a} vs {b}"][measure]
-    value = found["differences"][f"{b} vs {a}"][measure]
-    return {"point": -value["point"], "low": -value["high"], "high": -value["low"]}
-
-
 def _signed(value: dict) -> str:
     return f"{value['point']:+.3f} [{value['low']:+.3f}, {value['high']:+.3f}]"
 
@@ -86,9 +77,8 @@ def contrasts(result: dict, contrasts: list[tuple[str, str]]) -> dict:
         a, b = pair
         top = [{c for c, _ in found["top_components"][name][:5]} for name in pair]
         measures[f"{a} vs {b}"] = {
-            "overlap": _headline(found, pair) or _headline(found, pair[::-1]),
-            **{measure: _difference(found, pair, measure)
-               for measure in ("centre_of_mass", "entropy", "gini", "top_3_share")},
+            "overlap": _headline(found, pair),
+            **found["differences"][f"{a} vs {b}"],
             "shared_top_5_components": len(top[0] & top[1]),
             "neuron_top_10_share": meaning[b]["neuron_top_10_share"] - meaning[a]["neuron_top_10_share"],
             "kept_after_zeroing": checked[b]["retained"] - checked[a]["retained"],
