@@ -124,6 +124,17 @@ def shard_model(model: Transformer | ModelStack, mesh: Mesh, rules: Mapping[str,
     return _placed(model, mesh, rules, 0, put)
 
 
+def constrain(x: jax.Array, *axes: str | None) -> jax.Array:
+    """`x` laid out over the context mesh (`jax.set_mesh`) with dimension i split over mesh axis `axes[i]`
+    (None: whole). A no-op outside a mesh context; a dimension its axis does not divide stays whole."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    spec = [axis if axis in mesh.axis_names and x.shape[i] % mesh.shape[axis] == 0 else None
+            for i, axis in enumerate(axes)]
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
+
+
 def examples_sharding(mesh: Mesh, ndim: int, axis: int = 1) -> NamedSharding:
     """Arrays of `ndim` dimensions split over `data` along `axis` (the examples of an `[M, B, ...]` batch)."""
     spec = [None] * ndim

@@ -84,9 +84,9 @@ def test_a_run_reads_back_once_however_many_batches_it_has(sharded):
 
 
 def test_a_mesh_lowers_the_memory_each_device_compiles_to(sharded):
-    """One EAP-IG batch of the small model, planned per device: less on a 2x4 mesh than on one device (about
-    half: its activations split over the 2-way data axis only; the issue's target of a third is not met)."""
-    assert sharded["plan_bytes"]["2x4"] < 0.6 * sharded["plan_bytes"]["one device"]
+    """One EAP-IG batch of the small model, planned per device: at most a third on a 2x4 mesh of what one
+    device needs (Δ and each layer's gradients split their width over `model`, examples over `data`)."""
+    assert sharded["plan_bytes"]["2x4"] <= sharded["plan_bytes"]["one device"] / 3
 
 
 def test_weights_and_examples_carry_the_expected_shardings(sharded):

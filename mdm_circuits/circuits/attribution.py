@@ -41,6 +41,7 @@ from mdm_circuits.circuits.interventions import Interventions, NodePatch, Probes
 from mdm_circuits.circuits.patching import exact_edges
 from mdm_circuits.circuits.runs import (
     Progress,
+    answer_logits,
     as_models,
     fit_ablation,
     for_every_model,
@@ -75,19 +76,21 @@ def _gradient_parts(model, metric, embeddings, example, clean_logits, nodes=None
     return step_parts(model, result, probe_gradients)
 
 
-def _weighted_differences(ablated, clean, batch, weights, aggregation):
-    """Δ = ablated − clean at real positions, weighted per example (and by 1/length for 'mean')."""
+def _weighted_differences(ablated, clean, batch, weights, aggregation) -> Float[Array, "N B T D"]:
+    """Δ = ablated − clean at real positions, weighted per example (and by 1/length for 'mean'), taken in
+    float32 and stored in the activations' dtype, sources first (the score products contract whole rows)."""
     wide = accumulation_dtype(clean.dtype)
     scale = (weights[:, None] & batch.valid).astype(wide)
     if aggregation == "mean":
         scale = scale / batch.valid.sum(axis=1, keepdims=True).astype(wide)
-    return (ablated.astype(wide) - clean.astype(wide)) * scale[:, None, :, None]
+    difference = (ablated.astype(wide) - clean.astype(wide)) * scale[:, None, :, None]
+    return jnp.moveaxis(difference, 1, 0).astype(clean.dtype)
 
 
 def _integrate(parts_at: Callable[[Array], tuple[Summed, PerStep]], steps: int,
                step_chunk: int) -> tuple[Summed, PerStep]:
     """The gradient parts of a batch over α_k = k/steps, k = 0..steps−1 (a left Riemann sum): summed parts
-    added up, per-step parts kept `[B, steps, ...]`. `parts_at(α[C])` gives the parts at C values of α,
+    added up, per-step parts kept `[steps, B, ...]`. `parts_at(α[C])` gives the parts at C values of α,
     shaped [C, B, ...]; a `lax.scan` runs over chunks of `step_chunk` steps."""
     alphas = (jnp.arange(steps, dtype=jnp.float32) / steps).reshape(-1, step_chunk)
 
@@ -98,8 +101,7 @@ def _integrate(parts_at: Callable[[Array], tuple[Summed, PerStep]], steps: int,
     first = jax.eval_shape(parts_at, alphas[0])[0]
     zeros = jax.tree.map(lambda leaf: jnp.zeros(leaf.shape[1:], leaf.dtype), first)
     total, per_step = jax.lax.scan(accumulate, zeros, alphas)
-    # [chunks, chunk, B, ...] -> [B, steps, ...]
-    return total, jax.tree.map(lambda leaf: jnp.moveaxis(leaf.reshape(steps, *leaf.shape[2:]), 0, 1), per_step)
+    return total, jax.tree.map(lambda leaf: leaf.reshape(steps, *leaf.shape[2:]), per_step)
 
 
 def _batched_points(parts, arguments_at: Callable, alphas: Float[Array, " C"]):
@@ -110,40 +112,39 @@ def _batched_points(parts, arguments_at: Callable, alphas: Float[Array, " C"]):
     return jax.tree.map(lambda leaf: leaf.reshape(alphas.shape[0], -1, *leaf.shape[1:]), parts(*flat))
 
 
-def _scores(model, delta: Float[Array, "B R T D"], summed: Summed, per_step: PerStep, steps: int,
-            per_example: bool) -> Float[Array, "R M"] | Float[Array, "B R M"]:
-    """The score matrix rows of the sources in `delta` (Δ laid out [B, R, T, D]), in destination order; per
-    example with `per_example`."""
-    graph = Graph.for_model(model.architecture)
-    heads, mlps, logits = gradients.scores(model, jnp.moveaxis(delta, 1, 0), summed, per_step, steps, per_example)
-    return graph.join_columns(heads, mlps, logits)
-
-
 def _attribute_one(model, batch, weights, partners, ablation, *, metric, method, steps, step_chunk, aggregation,
                    per_example, rows_dtype):
     """One model's edge scores of one batch: their weighted sum, each example's scores per edge (with
     `per_example`, else None), and the clean and corrupted metric values."""
-    clean, ablated, clean_logits, clean_metric, corrupted_metric = plain_runs(model, metric, batch, ablation,
-                                                                              partners)
-    delta = _weighted_differences(ablated, clean, batch, weights, aggregation)
     clean_embeddings = jax.vmap(model.embed)(batch.clean)
     parts = jax.vmap(functools.partial(_gradient_parts, model, metric))
-    if method == "eap":
-        summed, per_step = parts(clean_embeddings, batch, clean_logits)
-        scores = _scores(model, delta, summed, jax.tree.map(lambda leaf: leaf[:, None], per_step), 1, per_example)
-    elif method == "eap_ig_inputs":
-        corrupted_embeddings = jax.vmap(model.embed)(batch.corrupted)
-
-        def arguments_at(alpha):
-            alpha = alpha.astype(clean_embeddings.dtype)
-            embeddings = corrupted_embeddings + alpha * (clean_embeddings - corrupted_embeddings)
-            return embeddings, batch, clean_logits
-
-        summed, per_step = _integrate(functools.partial(_batched_points, parts, arguments_at), steps, step_chunk)
-        scores = _scores(model, delta, summed, per_step, steps, per_example)
-    else:
+    if method == "eap_ig_activations":
+        clean, ablated, clean_logits, clean_metric, corrupted_metric = plain_runs(model, metric, batch, ablation,
+                                                                                  partners)
+        delta = _weighted_differences(ablated, clean, batch, weights, aggregation)
         scores = _activation_integrals(model, metric, batch, clean, ablated, clean_logits, clean_embeddings,
                                        delta, steps, step_chunk, per_example)
+    else:
+        clean_logits = jax.vmap(functools.partial(answer_logits, model))(clean_embeddings, batch)
+        if method == "eap":
+            summed, per_step = parts(clean_embeddings, batch, clean_logits)
+            per_step = jax.tree.map(lambda leaf: leaf[None], per_step)
+        else:
+            corrupted_embeddings = jax.vmap(model.embed)(batch.corrupted)
+
+            def arguments_at(alpha):
+                alpha = alpha.astype(clean_embeddings.dtype)
+                embeddings = corrupted_embeddings + alpha * (clean_embeddings - corrupted_embeddings)
+                return embeddings, batch, clean_logits
+
+            summed, per_step = _integrate(functools.partial(_batched_points, parts, arguments_at), steps,
+                                          step_chunk)
+        # The node outputs (two [N, T, D] per example) are computed only now, so that neither they nor Δ are
+        # held through the gradient runs; the price is a second clean forward.
+        summed, per_step, batch = jax.lax.optimization_barrier((summed, per_step, batch))
+        clean, ablated, _, clean_metric, corrupted_metric = plain_runs(model, metric, batch, ablation, partners)
+        delta = _weighted_differences(ablated, clean, batch, weights, aggregation)
+        scores = gradients.scores(model, delta, summed, per_step, 1 if method == "eap" else steps, per_example)
     if not per_example:
         return scores, None, clean_metric, corrupted_metric
     graph = Graph.for_model(model.architecture)
@@ -185,15 +186,15 @@ def _activation_integrals(model, metric, batch, clean, ablated, clean_logits, cl
             return clean_embeddings, batch, clean_logits, patch
 
         summed, per_step = _integrate(functools.partial(_batched_points, parts, arguments_at), steps, step_chunk)
-        in_group = member.astype(delta.dtype)[None, :, None, None]
-        return _scores(model, delta[:, rows] * in_group, summed, per_step, steps, per_example)
+        in_group = member.astype(delta.dtype)[:, None, None, None]
+        return gradients.scores(model, delta[rows] * in_group, summed, per_step, steps, per_example)
 
     per_group = jax.lax.map(group_scores, (groups, members))                 # [G, (B,) H, M]
     per_group = per_group * members.astype(per_group.dtype).reshape(
         members.shape[0], *([1] if per_example else []), h, 1)
     if not per_example:
         return jnp.zeros((graph.n_sources, graph.n_destinations)).at[groups].add(per_group)
-    return jnp.zeros((delta.shape[0], graph.n_sources, graph.n_destinations)).at[:, groups].add(
+    return jnp.zeros((delta.shape[1], graph.n_sources, graph.n_destinations)).at[:, groups].add(
         jnp.moveaxis(per_group, 1, 0))
 
 

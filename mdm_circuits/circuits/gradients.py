@@ -12,16 +12,21 @@ and x̂ · W_s g = (y W) · g is the head's own projection (without bias) dotted
     mean_k ∂/∂x_k = (1/m) · [W_s Σ_k g_k / r_k − Σ_k x̂_k β_k],      β_k = ((y W)_k · g_k) / (D r_k),
 
 which needs, per step, only the head-space sums Σ g/r and the small per-step factors x̂_k and β_k: the
-per-destination gradients are formed once, after all steps, and contracted with Δ in `scores`.
+per-destination gradients are formed once, after all steps, one layer at a time, and contracted with Δ in
+`scores`.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from mdm_circuits import sharding
+from mdm_circuits.circuits.graph import Graph
 from mdm_circuits.circuits.interventions import Probes, Run
 from mdm_circuits.model.layers import accumulation_dtype
 from mdm_circuits.model.transformer import Transformer
@@ -36,9 +41,9 @@ class Summed(NamedTuple):
 
 
 class PerStep(NamedTuple):
-    """The parts kept for every step (stacked over steps by the integrator)."""
+    """The parts kept for every step (stacked over steps, in front, by the integrator)."""
 
-    normalized: Float[Array, "L T D"]   # x̂
+    normalized: Float[Array, "L T D"]   # x̂, in the activations' dtype
     factor: Float[Array, "L 3 H T"]     # β
 
 
@@ -68,41 +73,42 @@ def step_parts(model: Transformer, result: Run, gradients: Probes) -> tuple[Summ
     d = x.shape[-1]
     factor = jnp.einsum("lpthe,lpthe->lpht", projected, g) / (d * r[:, None, None, :])
     summed = Summed(g / r[:, None, :, None, None], gradients.mlp.astype(wide), gradients.logits.astype(wide))
-    return summed, PerStep(x / r[..., None], factor)
+    return summed, PerStep((x / r[..., None]).astype(result.layers.residual.dtype), factor)
 
 
-def scores(model: Transformer, delta: Float[Array, "R B T D"], summed: Summed, per_step: PerStep,
-           steps: int, per_example: bool = False) -> tuple[Float[Array, "R L 3 H"], Float[Array, "R L"],
-                                                            Float[Array, " R"]]:
-    """Σ_{b,t,d} Δ[r,b,t,d] · (mean gradient w.r.t. each destination's input)[b,t,d], for R rows of Δ: into
-    every head's q, k and v input, every MLP's input, and the logits' input. With `per_example`, the sum
-    over b is not taken: every output gains a leading batch axis.
+def scores(model: Transformer, delta: Float[Array, "R B T D"], summed: Summed, per_step: PerStep, steps: int,
+           per_example: bool = False) -> Float[Array, "R M"] | Float[Array, "B R M"]:
+    """Σ_{b,t,d} Δ[r,b,t,d] · (mean gradient w.r.t. destination m's input)[b,t,d] for R rows of Δ and every
+    destination m, in the graph's column order. With `per_example`, the sum over b is not taken: the result
+    gains a leading batch axis.
 
-    `summed` and `per_step` carry a leading batch axis (`per_step` then one entry per step). For the heads,
-    the term W_s Σ g/r is formed for every head once and contracted as one large product; the correction
-    term is contracted through its factors (Σ_d Δ·x̂ first), so its [L, 3, H, B, T, D] tensor never exists.
+    `summed` carries a leading batch axis, `per_step` a leading step axis and then the batch axis. Memory is bounded
+    by one layer: the mean gradients w.r.t. the inputs of one layer's destinations (every head's q, k and v
+    copy, and its MLP's) are formed at a time, `[3H + 1, B, T, D]` from that layer's weights, and contracted
+    with all of Δ at once. Products with Δ take their other operand in Δ's dtype and accumulate in float32: for
+    a bfloat16 model the mean gradients are rounded to bfloat16 there, as its activations already are.
     """
-    attn = model.blocks.attn
-    weights = jnp.stack([attn.w_q[...], _per_query_head(model, attn.w_k[...], 2),
-                         _per_query_head(model, attn.w_v[...], 2)], axis=1)                 # [L, 3, D, H, E]
-    wide = summed.heads.dtype
-    norm_scales = model.blocks.attn_norm.scale[...].astype(wide)                            # [L, D]
-    scaled_weights = weights.astype(wide) * norm_scales[:, None, :, None, None]
-    projected_back = jnp.einsum("blpthe,lpdhe->lphbtd", summed.heads, scaled_weights)
-    n_layers, _, n_heads = projected_back.shape[:3]
-    along_x = jnp.einsum("rbtd,bkltd->rbklt", delta, per_step.normalized)
-    if per_example:
-        heads = jnp.einsum("rbx,kbx->brk", delta.reshape(*delta.shape[:2], -1),
-                           projected_back.reshape(n_layers * 3 * n_heads, delta.shape[1], -1))
-        correction = jnp.einsum("rbklt,bklpht->brlph", along_x, per_step.factor)
-        heads = heads.reshape(*heads.shape[:2], n_layers, 3, n_heads) - correction
-        mlps = jnp.einsum("rbtd,lbtd->brl", delta, jnp.moveaxis(summed.mlp, 1, 0))
-        logits = jnp.einsum("rbtd,btd->br", delta, summed.logits)
-        return heads / steps, mlps / steps, logits / steps
-    rows = delta.reshape(delta.shape[0], -1)                                                # [R, B·T·D]
-    heads = rows @ projected_back.reshape(n_layers * 3 * n_heads, -1).T
-    correction = jnp.einsum("rbklt,bklpht->rlph", along_x, per_step.factor)
-    heads = heads.reshape(-1, n_layers, 3, n_heads) - correction
-    mlps = rows @ jnp.moveaxis(summed.mlp, 1, 0).reshape(n_layers, -1).T
-    logits = rows @ summed.logits.reshape(-1)
-    return heads / steps, mlps / steps, logits / steps
+    graph = Graph.for_model(model.architecture)
+    attn, norm_scales = model.blocks.attn, model.blocks.attn_norm.scale[...]
+    narrow, wide = delta.dtype, summed.heads.dtype
+    batch, length, width = delta.shape[1:]
+    contract = functools.partial(jnp.einsum, preferred_element_type=wide)
+    rows = "br" if per_example else "r"
+    # On a mesh, Δ and each layer's gradients split their width over `model` (and examples over `data`), so
+    # neither is whole on any device; the products then add up partial sums of a small result.
+    delta = sharding.constrain(delta, None, sharding.DATA, None, sharding.MODEL)
+
+    def layer_columns(layer):
+        weights = jnp.stack([attn.w_q[layer], _per_query_head(model, attn.w_k[layer], 1),
+                             _per_query_head(model, attn.w_v[layer], 1)])                 # [3, D, H, E]
+        scaled = weights.astype(wide) * norm_scales[layer].astype(wide)[None, :, None, None]
+        heads = (jnp.einsum("bpthe,pdhe->phbtd", summed.heads[:, layer], scaled)
+                 - jnp.einsum("sbtd,sbpht->phbtd", per_step.normalized[:, :, layer], per_step.factor[:, :, layer],
+                              preferred_element_type=wide))
+        destinations = jnp.concatenate([heads.reshape(-1, batch, length, width), summed.mlp[None, :, layer]])
+        destinations = sharding.constrain(destinations.astype(narrow), None, sharding.DATA, None, sharding.MODEL)
+        return contract(f"rbtd,kbtd->{rows}k", delta, destinations)                       # [(B,) R, 3H + 1]
+
+    per_layer = jax.lax.map(layer_columns, jnp.arange(graph.n_layers))                  # [L, (B,) R, 3H + 1]
+    logits = contract(f"rbtd,btd->{rows}", delta, summed.logits.astype(narrow))
+    return graph.join_layer_columns(jnp.moveaxis(per_layer, 0, -2), logits) / steps

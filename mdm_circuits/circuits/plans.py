@@ -7,6 +7,7 @@ Sizes are per device: on a mesh the compiled program is the partitioned one each
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Literal
 
@@ -61,17 +62,8 @@ def program_memory(config: ModelConfig, *, mode: Mode = "eap-ig", batch: int, se
     examples = abstract_batch(batch, seq_len, mesh)
     weights = jax.ShapeDtypeStruct((batch,), bool)
     start = time.perf_counter()
-    if mode == "eap-ig":
-        lowered = _attribute_batch.lower(placed, examples, weights, None, Ablation(), model_axis=None,
-                                         metric=metrics.logit_difference, method="eap_ig_inputs", steps=steps,
-                                         step_chunk=step_chunk, aggregation="sum", per_example=False,
-                                         rows_dtype=jnp.dtype(jnp.float32))
-    else:
-        graph = Graph.for_model(config)
-        patches = chunked(np.stack([np.arange(graph.n_sources), -np.ones(graph.n_sources, int)], 1), chunk)
-        lowered = _effects_batch.lower(placed, examples, weights, None, Ablation(),
-                                       jax.ShapeDtypeStruct(patches.shape, patches.dtype), effects=_node_effects,
-                                       model_axis=None, metric=metrics.logit_difference)
+    with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
+        lowered = _lowered(placed, examples, weights, config, mode, steps, step_chunk, chunk)
     memory = lowered.compile().memory_analysis()
     seconds = time.perf_counter() - start
     leaves = jax.tree.leaves(parameters(model))
@@ -80,6 +72,20 @@ def program_memory(config: ModelConfig, *, mode: Mode = "eap-ig", batch: int, se
         parameter_bytes=sum(leaf.size * jnp.dtype(leaf.dtype).itemsize for leaf in leaves),
         argument_bytes=memory.argument_size_in_bytes, output_bytes=memory.output_size_in_bytes,
         temp_bytes=memory.temp_size_in_bytes, backend=jax.default_backend(), compile_seconds=seconds)
+
+
+def _lowered(placed, examples, weights, config, mode, steps, step_chunk, chunk):
+    """The lowered per-batch program of `mode` for abstract weights and examples."""
+    if mode == "eap-ig":
+        return _attribute_batch.lower(placed, examples, weights, None, Ablation(), model_axis=None,
+                                      metric=metrics.logit_difference, method="eap_ig_inputs", steps=steps,
+                                      step_chunk=step_chunk, aggregation="sum", per_example=False,
+                                      rows_dtype=jnp.dtype(jnp.float32))
+    graph = Graph.for_model(config)
+    patches = chunked(np.stack([np.arange(graph.n_sources), -np.ones(graph.n_sources, int)], 1), chunk)
+    return _effects_batch.lower(placed, examples, weights, None, Ablation(),
+                                jax.ShapeDtypeStruct(patches.shape, patches.dtype), effects=_node_effects,
+                                model_axis=None, metric=metrics.logit_difference)
 
 
 def largest_fit(config: ModelConfig, device_memory: int, *, mode: Mode = "eap-ig", seq_len: int, steps: int = 5,

@@ -9,6 +9,7 @@ partners and fitted ablation means always carry a leading model axis `[M, B, ...
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import io
@@ -48,6 +49,11 @@ class Models:
         if self.mesh is None:
             return tree
         return jax.tree.map(lambda a: jax.device_put(a, sharding.examples_sharding(self.mesh, a.ndim)), tree)
+
+    def on_mesh(self):
+        """The context the programs are traced and run in: the mesh, so that their layout constraints
+        (`sharding.constrain`) apply (nothing without one)."""
+        return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
 
     @property
     def axis(self) -> int | None:
@@ -111,6 +117,11 @@ def model_batches(models: Models, batch: Batch | Sequence[Batch]) -> Batch:
 def read_logits(model: Transformer, final: Float[Array, "T D"], example: Batch) -> Float[Array, "A V"]:
     """Logits at the positions that predict the example's answer tokens (only those are unembedded)."""
     return model.unembed(final[example.read_positions(model)])
+
+
+def answer_logits(model: Transformer, embeddings: Float[Array, "T D"], example: Batch) -> Float[Array, "A V"]:
+    """The answer logits of a plain run from `embeddings` (no node outputs kept)."""
+    return read_logits(model, run(model, embeddings, valid=example.valid, keep_sources=False).final, example)
 
 
 def clean_sources(model: Transformer, batch: Batch) -> Float[Array, "B N T D"]:
@@ -225,7 +236,8 @@ def over_batches(models: Models, batch: Batch, batch_size: int, ablation: Ablati
             index = np.concatenate([index, np.repeat(index[:1], part.clean.shape[1] - len(index))])
             partners = models.place(jax.tree.map(lambda a: a[:, index], batch))
         weights = jnp.arange(part.clean.shape[1]) < n
-        summed, per_example, clean_metric, corrupted_metric = program(models.place(part), weights, partners)
+        with models.on_mesh():
+            summed, per_example, clean_metric, corrupted_metric = program(models.place(part), weights, partners)
         total = total + summed
         if per_example is not None:
             rows.append(per_example[:, :n])
