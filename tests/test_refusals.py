@@ -292,6 +292,25 @@ def test_predict_with_a_mask_token_outside_the_vocabulary(saved, capsys):
         capsys, ["predict", str(saved), "w1 w2", "--mask-answer", "--mask-token-id", "400"])
 
 
+def test_batches_without_values_are_checked_by_shape():
+    """Abstract and traced batches cannot have their values read: a consistent one passes, one whose arrays
+    disagree is refused by shape alone."""
+    import dataclasses
+
+    import jax
+
+    batch = collate([Example([1, 2, 3, 0], [1, 2, 4, 0], [4], [[5]], [[6]])])
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), batch)
+    abstract.check(ARM)
+    jax.jit(lambda b: b.check(ARM) or b.clean)(batch)  # traced: nothing to read, nothing refused
+    broken = dataclasses.replace(abstract, valid=jax.ShapeDtypeStruct((1, 5), bool))
+    with pytest.raises(BatchError, match=r"valid \(1, 5\) must have one shape"):
+        broken.check(ARM)
+    with pytest.raises(BatchError, match="disagree on the number of examples"):
+        dataclasses.replace(abstract, answer_mask=jax.ShapeDtypeStruct((2, 1), bool),
+                            answer_positions=jax.ShapeDtypeStruct((2, 1), jnp.int32)).check(ARM)
+
+
 # ---- tasks and JSONL ----
 
 

@@ -33,7 +33,7 @@ import numpy as np
 from jax.sharding import Mesh
 from jaxtyping import Array, Float
 
-from mdm_circuits.circuits import gradients
+from mdm_circuits.circuits import gradients, plans
 from mdm_circuits.circuits.ablations import Ablation
 from mdm_circuits.circuits.gradients import PerStep, Summed, step_parts
 from mdm_circuits.circuits.graph import Graph
@@ -215,8 +215,8 @@ def attribute(
     steps: int = 5,
     aggregation: Aggregation = "sum",
     ablation: Ablation = Ablation(),
-    batch_size: int = 32,
-    step_chunk: int = 1,
+    batch_size: int | None = None,
+    step_chunk: int | None = None,
     per_example: bool = False,
     per_example_dtype: jnp.dtype = jnp.float32,
     progress: Progress | None = None,
@@ -240,8 +240,11 @@ def attribute(
       ablation: what Δ is measured against: the corrupted run (patching) by default; "zero", "mean",
         "mean_positional" or "resample". EAP-IG on inputs interpolates towards the corrupted input, so it
         takes the corrupted run only.
-      batch_size: examples per compiled program; scores are running sums over batches.
+      batch_size: examples per compiled program; scores are running sums over batches. By default the
+        largest that fits the device (`circuits.plans.attribution_batch`: candidate programs are compiled with
+        abstract weights, seconds each at 7B), or 32 where the device does not report its memory (a CPU).
       step_chunk: integration steps batched together (must divide `steps`); more is faster and uses more memory.
+        By default the largest that fits with the chosen batch (1 with a batch you name).
       per_example: also keep every example's scores (`Scores.per_example`, `[N, n_edges]`), from the same
         program; their mean over examples is `Scores.matrix` (see the module doc for their memory).
       per_example_dtype: the dtype the per-example scores are stored in (bfloat16 halves their memory).
@@ -253,6 +256,7 @@ def attribute(
         the running sums stay on the devices until the end.
     """
     if method == "exact":
+        batch_size = plans.DEFAULT_BATCH if batch_size is None else batch_size
         if per_example:
             raise AttributionError("per-example scores come from the gradient methods (eap, eap_ig_inputs, "
                                    "eap_ig_activations); exact patching gives the mean over examples only")
@@ -260,6 +264,12 @@ def attribute(
                            mesh=mesh)
     chosen = as_models(models, mesh)
     batch = model_batches(chosen, batch)
+    if batch_size is None:
+        batch_size, fitted_chunk = plans.attribution_batch(
+            chosen.configs[0], n_examples=batch.clean.shape[1], seq_len=batch.clean.shape[2], steps=steps,
+            dtype=chosen.tree.embedding.dtype, n_models=chosen.size, mesh=mesh)
+        step_chunk = fitted_chunk if step_chunk is None else step_chunk
+    step_chunk = 1 if step_chunk is None else step_chunk
     if method not in ("eap", "eap_ig_inputs", "eap_ig_activations"):
         raise AttributionError(f"unknown method {method!r}; use eap, eap_ig_inputs, eap_ig_activations or exact")
     if method == "eap_ig_inputs" and ablation.kind != "corrupted":

@@ -17,8 +17,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from mdm_circuits import sharding
+from mdm_circuits.circuits import attribution
 from mdm_circuits.circuits.ablations import Ablation
-from mdm_circuits.circuits.attribution import _attribute_batch
 from mdm_circuits.circuits.graph import Graph
 from mdm_circuits.circuits.patching import _effects_batch, _node_effects
 from mdm_circuits.circuits.runs import chunked
@@ -77,10 +77,10 @@ def program_memory(config: ModelConfig, *, mode: Mode = "eap-ig", batch: int, se
 def _lowered(placed, examples, weights, config, mode, steps, step_chunk, chunk):
     """The lowered per-batch program of `mode` for abstract weights and examples."""
     if mode == "eap-ig":
-        return _attribute_batch.lower(placed, examples, weights, None, Ablation(), model_axis=None,
-                                      metric=metrics.logit_difference, method="eap_ig_inputs", steps=steps,
-                                      step_chunk=step_chunk, aggregation="sum", per_example=False,
-                                      rows_dtype=jnp.dtype(jnp.float32))
+        return attribution._attribute_batch.lower(
+            placed, examples, weights, None, Ablation(), model_axis=None, metric=metrics.logit_difference,
+            method="eap_ig_inputs", steps=steps, step_chunk=step_chunk, aggregation="sum", per_example=False,
+            rows_dtype=jnp.dtype(jnp.float32))
     graph = Graph.for_model(config)
     patches = chunked(np.stack([np.arange(graph.n_sources), -np.ones(graph.n_sources, int)], 1), chunk)
     return _effects_batch.lower(placed, examples, weights, None, Ablation(),
@@ -120,3 +120,30 @@ def largest_fit(config: ModelConfig, device_memory: int, *, mode: Mode = "eap-ig
             if plan.peak_bytes <= device_memory:
                 return best[0], step_chunk, plan
     return best
+
+
+DEFAULT_BATCH = 32
+"""The batch `attribute` takes where the device does not report its memory (a CPU)."""
+
+
+def device_memory(mesh: Mesh | None = None, share: float = 0.9) -> int | None:
+    """`share` of the memory of the mesh's first device (or the default device), which XLA reports on GPUs and
+    TPUs (`memory_stats()["bytes_limit"]`); None where it does not (CPUs). The rest is left to the runtime."""
+    device = jax.devices()[0] if mesh is None else mesh.devices.flat[0]
+    limit = (device.memory_stats() or {}).get("bytes_limit")
+    return None if not limit else int(limit * share)
+
+
+def attribution_batch(config: ModelConfig, *, n_examples: int, seq_len: int, steps: int, dtype, n_models: int = 1,
+                      mesh: Mesh | None = None) -> tuple[int, int]:
+    """(batch, step chunk) for an EAP-IG run when the caller names neither: `largest_fit` for the device's memory
+    (a stack of `n_models` gets 1/n_models of it each), no larger than the examples need; (32, 1) where the
+    device does not report its memory. Each candidate is compiled once, with abstract weights."""
+    memory = device_memory(mesh)
+    data = 1 if mesh is None else mesh.shape[sharding.DATA]
+    if memory is None:
+        return max(data, DEFAULT_BATCH // data * data), 1
+    needed = data * 2 ** max(0, int(np.ceil(np.log2(max(1, n_examples / data)))))
+    batch, step_chunk, _ = largest_fit(config, memory // n_models, seq_len=seq_len, steps=steps, dtype=dtype,
+                                       mesh=mesh, largest_batch=needed)
+    return batch, step_chunk

@@ -83,7 +83,12 @@ class Batch:
         return jnp.where(self.answer_mask, model.read_position(self.answer_positions), 0)
 
     def check(self, config: ModelConfig) -> None:
-        """Raise if any example's answer is read outside its own tokens or a token is outside the vocabulary."""
+        """Raise if the arrays' shapes disagree, any example's answer is read outside its own tokens or a token is
+        outside the vocabulary. Values are checked only where this process can read them: abstract
+        (`jax.ShapeDtypeStruct`), traced and other processes' arrays get the shape checks alone."""
+        self._check_shapes()
+        if not all(_readable(leaf) for leaf in jax.tree.leaves(self)):
+            return
         positions = config.read_position(np.asarray(self.answer_positions))
         lengths = np.asarray(self.valid).sum(axis=1)
         bad = np.asarray(self.answer_mask) & ((positions < 0) | (positions >= lengths[:, None]))
@@ -97,6 +102,20 @@ class Batch:
         for name in ("clean", "corrupted", "correct", "incorrect"):
             check_token_ids(getattr(self, name), config.vocab_size, f"the {name} tokens")
         self._check_view(config)
+
+    def _check_shapes(self) -> None:
+        shapes = {name: tuple(getattr(self, name).shape) for name in
+                  ("clean", "corrupted", "valid", "answer_positions", "answer_mask", "correct", "correct_mask",
+                   "incorrect", "incorrect_mask")}
+        groups = (("clean", "corrupted", "valid"), ("answer_positions", "answer_mask"), ("correct", "correct_mask"),
+                  ("incorrect", "incorrect_mask"))
+        for group in groups:
+            if len({shapes[name] for name in group}) > 1:
+                raise BatchError("the batch's " + ", ".join(f"{name} {shapes[name]}" for name in group) + " must have "
+                                 "one shape; build batches with tasks.batch.collate")
+        if len({shape[:1] for shape in shapes.values()}) > 1 or shapes["correct"][:2] != shapes["answer_mask"]:
+            raise BatchError(f"the batch's arrays disagree on the number of examples or answer positions ({shapes}); "
+                             f"build batches with tasks.batch.collate")
 
     def _check_view(self, config: ModelConfig) -> None:
         """Refuse examples posed in the other model's view: an MDM reads its answer from masked positions; an
@@ -123,6 +142,13 @@ class Batch:
                 raise BatchError(f"example {row}: its last answer token sits inside the {int(lengths[row])} input "
                                  f"tokens; an ARM must not be given the answer it predicts (these look like MDM-view "
                                  f"examples: pose them with View() for an ARM)")
+
+
+def _readable(array) -> bool:
+    """Whether this process holds `array`'s values (not abstract, traced, or split over other processes)."""
+    if isinstance(array, np.ndarray):
+        return True
+    return isinstance(array, jax.Array) and not isinstance(array, jax.core.Tracer) and array.is_fully_addressable
 
 
 def check_token_ids(tokens, vocab_size: int, what: str = "tokens") -> None:
