@@ -1,6 +1,6 @@
 """What storing Δ in the activations' dtype costs: EAP-IG scores of SmolLM2-135M in bfloat16 with Δ (and the
-operands of its products) in bfloat16, as `attribute` runs them, against the same bfloat16 model with every
-score product in float32, and both against the float32 model.
+operands of its products) in bfloat16, as `attribute` runs them, against the same bfloat16 model with Δ and
+every score product in float32, and both against the float32 model.
 
     python experiments/delta_precision.py [--n 32] [--k 200]
 
@@ -11,6 +11,7 @@ Spearman correlation over edges, and the overlap of the top-K edges by |score|.
 from __future__ import annotations
 
 import argparse
+import functools
 from unittest import mock
 
 import jax
@@ -21,15 +22,6 @@ from conversion import convert
 from mdm_circuits.circuits import attribution
 from mdm_circuits.tasks import ioi, metrics
 from mdm_circuits.tasks.batch import collate
-
-
-def _float32_differences(ablated, clean, batch, weights, aggregation):
-    """Δ as `attribute` forms it, but kept in float32 (so every product with it runs in float32)."""
-    wide = jnp.float32
-    scale = (weights[:, None] & batch.valid).astype(wide)
-    if aggregation == "mean":
-        scale = scale / batch.valid.sum(axis=1, keepdims=True).astype(wide)
-    return jnp.moveaxis((ablated.astype(wide) - clean.astype(wide)) * scale[:, None, :, None], 1, 0)
 
 
 def _ranks(x: np.ndarray) -> np.ndarray:
@@ -55,13 +47,14 @@ def main() -> None:
     half = jax.tree.map(lambda leaf: leaf.astype(jnp.bfloat16) if leaf.dtype == jnp.float32 else leaf, full)
 
     def scores(model):
-        # A fresh trace each time, so that a patched `_weighted_differences` is the one compiled.
+        # A fresh trace each time, so that a patched `_patching_differences` is the one compiled.
         attribution._attribute_batch.clear_cache()
         result = attribution.attribute(model, batch, metrics.logit_difference, batch_size=args.n)
         return result.matrix[result.graph.edge_mask]
 
     narrow = scores(half)
-    with mock.patch.object(attribution, "_weighted_differences", _float32_differences):
+    with mock.patch.object(attribution, "_patching_differences",
+                           functools.partial(attribution._patching_differences, dtype=jnp.float32)):
         wide = scores(half)
     reference = scores(full)
     print(f"SmolLM2-135M, {args.n} IOI prompts, EAP-IG m=5, {reference.size:,} edges")

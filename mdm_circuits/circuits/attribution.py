@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import hashlib
 from pathlib import Path
-from typing import Callable, Literal, Sequence
+from typing import Callable, Literal, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +53,7 @@ from mdm_circuits.circuits.runs import (
 from mdm_circuits.circuits.scores import Scores
 from mdm_circuits.errors import AttributionError
 from mdm_circuits.model.layers import accumulation_dtype
+from mdm_circuits.model.sites import Capture
 from mdm_circuits.model.transformer import ModelStack, Transformer
 from mdm_circuits.tasks.batch import Batch
 from mdm_circuits.tasks.metrics import Metric
@@ -76,15 +77,64 @@ def _gradient_parts(model, metric, embeddings, example, clean_logits, nodes=None
     return step_parts(model, result, probe_gradients)
 
 
-def _weighted_differences(ablated, clean, batch, weights, aggregation) -> Float[Array, "N B T D"]:
-    """Δ = ablated − clean at real positions, weighted per example (and by 1/length for 'mean'), taken in
-    float32 and stored in the activations' dtype, sources first (the score products contract whole rows)."""
-    wide = accumulation_dtype(clean.dtype)
-    scale = (weights[:, None] & batch.valid).astype(wide)
+def _weights(batch, weights, aggregation) -> Float[Array, "B T"]:
+    """How much each position of each example counts: 1 at real positions of real examples (1/length for
+    'mean'), 0 elsewhere; in float32."""
+    scale = (weights[:, None] & batch.valid).astype(jnp.float32)
     if aggregation == "mean":
-        scale = scale / batch.valid.sum(axis=1, keepdims=True).astype(wide)
-    difference = (ablated.astype(wide) - clean.astype(wide)) * scale[:, None, :, None]
+        scale = scale / batch.valid.sum(axis=1, keepdims=True).astype(jnp.float32)
+    return scale
+
+
+def _weighted_differences(ablated, clean, batch, weights, aggregation) -> Float[Array, "N B T D"]:
+    """Δ = ablated − clean, weighted (`_weights`), taken in float32 and stored in the activations' dtype,
+    sources first (the score products contract whole rows)."""
+    scale = _weights(batch, weights, aggregation).astype(accumulation_dtype(clean.dtype))
+    difference = (ablated.astype(scale.dtype) - clean.astype(scale.dtype)) * scale[:, None, :, None]
     return jnp.moveaxis(difference, 1, 0).astype(clean.dtype)
+
+
+class _Differences(NamedTuple):
+    """Weighted Δ of every source, by kind, in the activations' dtype: what `gradients.scores` contracts."""
+
+    input: Float[Array, "B T D"]
+    heads: Float[Array, "L H B T D"]
+    mlps: Float[Array, "L B T D"]
+
+    @classmethod
+    def of_rows(cls, graph: Graph, rows: Float[Array, "N B T D"]) -> _Differences:
+        first, per_layer = graph.layer_rows(rows)
+        return cls(first, per_layer[:, :-1], per_layer[:, -1])
+
+    @staticmethod
+    def join(graph: Graph, input, heads, mlps):
+        """Per-kind results (`[..., M]` each) as rows in source order."""
+        return graph.join_rows(input, jnp.concatenate([heads, mlps[:, None]], axis=1))
+
+
+def _patching_differences(model, metric, batch, weights, aggregation, dtype=None):
+    """Δ against the corrupted run, from the heads' z rather than their outputs: Δ_head = (z_corrupted −
+    z_clean) W_O, formed once in its final layout, so that neither run's [N, T, D] node outputs exist; stored
+    in `dtype` (default: the activations'). Also the clean and corrupted metric values."""
+    capture = Capture(head_z=True, mlp_out=True)
+
+    def one(embeddings, example):
+        result = run(model, embeddings, valid=example.valid, keep_sources=False, capture=capture)
+        return result.layers.head_z, result.layers.mlp_out, read_logits(model, result.final, example)
+
+    embeddings = [jax.vmap(model.embed)(tokens) for tokens in (batch.clean, batch.corrupted)]
+    (clean_z, clean_mlps, clean_logits), (z, mlps, logits) = (jax.vmap(one)(e, batch) for e in embeddings)
+    narrow = embeddings[0].dtype if dtype is None else dtype
+    scale = _weights(batch, weights, aggregation)
+
+    z = (z.astype(jnp.float32) - clean_z.astype(jnp.float32)) * scale[:, None, :, None, None]       # [B, L, T, H, E]
+    heads = jnp.einsum("blthe,lhed->lhbtd", z.astype(narrow), model.blocks.attn.w_o[...],
+                       preferred_element_type=jnp.float32).astype(narrow)
+    mlps = (mlps.astype(jnp.float32) - clean_mlps.astype(jnp.float32)) * scale[:, None, :, None]     # [B, L, T, D]
+    first = (embeddings[1].astype(jnp.float32) - embeddings[0].astype(jnp.float32)) * scale[..., None]
+    differences = _Differences(first.astype(narrow), heads, jnp.moveaxis(mlps, 1, 0).astype(narrow))
+    measure = jax.vmap(metric)
+    return differences, measure(clean_logits, batch, clean_logits), measure(logits, batch, clean_logits)
 
 
 def _integrate(parts_at: Callable[[Array], tuple[Summed, PerStep]], steps: int,
@@ -116,6 +166,7 @@ def _attribute_one(model, batch, weights, partners, ablation, *, metric, method,
                    per_example, rows_dtype):
     """One model's edge scores of one batch: their weighted sum, each example's scores per edge (with
     `per_example`, else None), and the clean and corrupted metric values."""
+    graph = Graph.for_model(model.architecture)
     clean_embeddings = jax.vmap(model.embed)(batch.clean)
     parts = jax.vmap(functools.partial(_gradient_parts, model, metric))
     if method == "eap_ig_activations":
@@ -139,15 +190,22 @@ def _attribute_one(model, batch, weights, partners, ablation, *, metric, method,
 
             summed, per_step = _integrate(functools.partial(_batched_points, parts, arguments_at), steps,
                                           step_chunk)
-        # The node outputs (two [N, T, D] per example) are computed only now, so that neither they nor Δ are
-        # held through the gradient runs; the price is a second clean forward.
+        # Δ is formed only now, so that it is not held through the gradient runs (the price is a second clean
+        # forward).
         summed, per_step, batch = jax.lax.optimization_barrier((summed, per_step, batch))
-        clean, ablated, _, clean_metric, corrupted_metric = plain_runs(model, metric, batch, ablation, partners)
-        delta = _weighted_differences(ablated, clean, batch, weights, aggregation)
-        scores = gradients.scores(model, delta, summed, per_step, 1 if method == "eap" else steps, per_example)
+        if ablation.kind == "corrupted":
+            differences, clean_metric, corrupted_metric = _patching_differences(model, metric, batch, weights,
+                                                                                aggregation)
+        else:
+            clean, ablated, _, clean_metric, corrupted_metric = plain_runs(model, metric, batch, ablation, partners)
+            differences = _Differences.of_rows(graph, _weighted_differences(ablated, clean, batch, weights,
+                                                                            aggregation))
+        per_kind = gradients.scores(model, differences, summed, per_step, 1 if method == "eap" else steps,
+                                    per_example)
+        join = functools.partial(_Differences.join, graph)
+        scores = jax.vmap(join)(*per_kind) if per_example else join(*per_kind)
     if not per_example:
         return scores, None, clean_metric, corrupted_metric
-    graph = Graph.for_model(model.architecture)
     rows = scores[:, graph.edge_indices[0], graph.edge_indices[1]].astype(rows_dtype)
     return scores.sum(0), rows, clean_metric, corrupted_metric
 
@@ -187,7 +245,7 @@ def _activation_integrals(model, metric, batch, clean, ablated, clean_logits, cl
 
         summed, per_step = _integrate(functools.partial(_batched_points, parts, arguments_at), steps, step_chunk)
         in_group = member.astype(delta.dtype)[:, None, None, None]
-        return gradients.scores(model, delta[rows] * in_group, summed, per_step, steps, per_example)
+        return gradients.scores(model, [delta[rows] * in_group], summed, per_step, steps, per_example)[0]
 
     per_group = jax.lax.map(group_scores, (groups, members))                 # [G, (B,) H, M]
     per_group = per_group * members.astype(per_group.dtype).reshape(
@@ -262,6 +320,9 @@ def attribute(
                                    "eap_ig_activations); exact patching gives the mean over examples only")
         return exact_edges(models, batch, metric, ablation=ablation, batch_size=batch_size, progress=progress,
                            mesh=mesh)
+    if resume is not None and jax.process_count() > 1:
+        raise AttributionError("resume= is not supported across processes (jax.distributed): every process would "
+                               "write the file; run without it")
     chosen = as_models(models, mesh)
     batch = model_batches(chosen, batch)
     if batch_size is None:

@@ -18,8 +18,7 @@ per-destination gradients are formed once, after all steps, one layer at a time,
 
 from __future__ import annotations
 
-import functools
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -76,27 +75,33 @@ def step_parts(model: Transformer, result: Run, gradients: Probes) -> tuple[Summ
     return summed, PerStep((x / r[..., None]).astype(result.layers.residual.dtype), factor)
 
 
-def scores(model: Transformer, delta: Float[Array, "R B T D"], summed: Summed, per_step: PerStep, steps: int,
-           per_example: bool = False) -> Float[Array, "R M"] | Float[Array, "B R M"]:
-    """Σ_{b,t,d} Δ[r,b,t,d] · (mean gradient w.r.t. destination m's input)[b,t,d] for R rows of Δ and every
-    destination m, in the graph's column order. With `per_example`, the sum over b is not taken: the result
-    gains a leading batch axis.
+def scores(model: Transformer, differences: Sequence[Float[Array, "... B T D"]], summed: Summed,
+           per_step: PerStep, steps: int, per_example: bool = False) -> list[Float[Array, "... M"]]:
+    """Σ_{b,t,d} Δ[..., b, t, d] · (mean gradient w.r.t. destination m's input)[b, t, d] for every row of Δ in
+    each array of `differences` (any leading row axes, then examples, positions, width) and every destination
+    m, in the graph's column order: one `[..., M]` per array. With `per_example`, the sum over b is not taken:
+    each result gains a leading batch axis.
 
-    `summed` carries a leading batch axis, `per_step` a leading step axis and then the batch axis. Memory is bounded
-    by one layer: the mean gradients w.r.t. the inputs of one layer's destinations (every head's q, k and v
-    copy, and its MLP's) are formed at a time, `[3H + 1, B, T, D]` from that layer's weights, and contracted
-    with all of Δ at once. Products with Δ take their other operand in Δ's dtype and accumulate in float32: for
-    a bfloat16 model the mean gradients are rounded to bfloat16 there, as its activations already are.
+    `summed` carries a leading batch axis, `per_step` a leading step axis and then the batch axis. Memory is
+    bounded by a few layers: the mean gradients w.r.t. the inputs of a block of layers' destinations (every
+    head's q, k and v copy, and its MLP's) are formed at a time, `[3H + 1, B, T, D]` per layer from that
+    layer's weights, and contracted with all of Δ at once. Products with Δ take their other operand in Δ's
+    dtype and accumulate in float32: for a bfloat16 model the mean gradients are rounded to bfloat16 there,
+    as its activations already are.
     """
     graph = Graph.for_model(model.architecture)
     attn, norm_scales = model.blocks.attn, model.blocks.attn_norm.scale[...]
-    narrow, wide = delta.dtype, summed.heads.dtype
-    batch, length, width = delta.shape[1:]
-    contract = functools.partial(jnp.einsum, preferred_element_type=wide)
-    rows = "br" if per_example else "r"
+    narrow, wide = differences[0].dtype, summed.heads.dtype
+    batch, length, width = differences[0].shape[-3:]
+    out = "b...k" if per_example else "...k"
     # On a mesh, Δ and each layer's gradients split their width over `model` (and examples over `data`), so
     # neither is whole on any device; the products then add up partial sums of a small result.
-    delta = sharding.constrain(delta, None, sharding.DATA, None, sharding.MODEL)
+    differences = [sharding.constrain(delta, *[None] * (delta.ndim - 3), sharding.DATA, None, sharding.MODEL)
+                   for delta in differences]
+
+    def contract(destinations: Float[Array, "K B T D"]) -> list[Float[Array, "... K"]]:
+        return [jnp.einsum(f"...btd,kbtd->{out}", delta, destinations, preferred_element_type=wide)
+                for delta in differences]
 
     def layer_columns(layer):
         weights = jnp.stack([attn.w_q[layer], _per_query_head(model, attn.w_k[layer], 1),
@@ -106,9 +111,12 @@ def scores(model: Transformer, delta: Float[Array, "R B T D"], summed: Summed, p
                  - jnp.einsum("sbtd,sbpht->phbtd", per_step.normalized[:, :, layer], per_step.factor[:, :, layer],
                               preferred_element_type=wide))
         destinations = jnp.concatenate([heads.reshape(-1, batch, length, width), summed.mlp[None, :, layer]])
-        destinations = sharding.constrain(destinations.astype(narrow), None, sharding.DATA, None, sharding.MODEL)
-        return contract(f"rbtd,kbtd->{rows}k", delta, destinations)                       # [(B,) R, 3H + 1]
+        return contract(sharding.constrain(destinations.astype(narrow), None, sharding.DATA, None, sharding.MODEL))
 
-    per_layer = jax.lax.map(layer_columns, jnp.arange(graph.n_layers))                  # [L, (B,) R, 3H + 1]
-    logits = contract(f"rbtd,btd->{rows}", delta, summed.logits.astype(narrow))
-    return graph.join_layer_columns(jnp.moveaxis(per_layer, 0, -2), logits) / steps
+    # Layers in blocks whose destinations number at most a third of the sources: each product then reads Δ
+    # once per block rather than once per layer, and a block's gradients stay well below Δ's size.
+    layers_per_block = max(1, graph.n_sources // (3 * (3 * graph.n_heads + 1)))
+    per_layer = jax.lax.map(layer_columns, jnp.arange(graph.n_layers), batch_size=layers_per_block)
+    logits = contract(summed.logits.astype(narrow)[None])                              # each [..., 1]
+    return [graph.join_layer_columns(jnp.moveaxis(layers, 0, -2), last[..., 0]) / steps
+            for layers, last in zip(per_layer, logits)]
