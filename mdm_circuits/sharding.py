@@ -13,6 +13,10 @@ strategy maps logical axes to mesh axes:
 A dimension its mesh axis does not divide is replicated instead (a model with 2 key/value heads on a 4-way
 `model` axis keeps whole k/v weights on every device). The stacked models of a `ModelStack` keep their
 leading model axis whole; examples are split over `data`.
+
+A mesh may span several processes (`join_processes`: `jax.distributed`), each holding the same weights and
+examples: every process places only its own devices' shards (`place`), and results are gathered to all of
+them at the end (`read_back`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Mapping
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from mdm_circuits.errors import UsageError
@@ -74,6 +79,23 @@ def parse_mesh(text: str) -> Mesh:
     return make_mesh(data, model)
 
 
+def join_processes(cluster: str = "") -> None:
+    """Join the other processes of a multi-process run (`jax.distributed.initialize`; before anything touches a
+    device), so that `jax.devices()`, and a mesh over them, span every process. Every process runs the same
+    command. `cluster` is COORDINATOR:PORT,PROCESSES,ID (this process's id, from 0); empty, JAX reads them from
+    a Cloud TPU pod slice, Slurm or Open MPI."""
+    if not cluster:
+        jax.distributed.initialize()
+        return
+    try:
+        address, count, index = cluster.split(",")
+        count, index = int(count), int(index)
+    except ValueError:
+        raise UsageError(f"a cluster is written COORDINATOR:PORT,PROCESSES,ID, such as 10.0.0.1:1234,2,0; got "
+                         f"{cluster!r}") from None
+    jax.distributed.initialize(address, count, index)
+
+
 def _axis_size(mesh: Mesh, axis: str) -> int:
     return mesh.shape[axis] if axis in mesh.shape else 1
 
@@ -101,11 +123,31 @@ def _name(path) -> str:
 def _placed(model: Transformer, mesh: Mesh, rules: Mapping[str, str], leading: int, put) -> Transformer:
     graphdef, state = nnx.split(model)
 
-    def place(path, leaf):
+    def put_leaf(path, leaf):
         stacked = leading if leaf.ndim > leading else 0
         return put(leaf, NamedSharding(mesh, parameter_spec(_name(path), leaf.shape, mesh, rules, stacked)))
 
-    return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(place, state))
+    return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(put_leaf, state))
+
+
+def place(x, placement: NamedSharding) -> jax.Array:
+    """`x` placed by `placement`. On a mesh over several processes (`jax.distributed`) every process holds
+    the same `x` and places only the shards of its own devices, cut from a host copy (`jax.device_put` would
+    first check that the processes agree by gathering the whole of `x` on every one of them, for every weight
+    and every slice)."""
+    if placement.is_fully_addressable:
+        return jax.device_put(x, placement)
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, placement, lambda index: host[index])
+
+
+def read_back(tree):
+    """`tree` as host arrays: one `jax.device_get`, or, when its arrays are split over several processes'
+    devices (a mesh under `jax.distributed`), one gather of every array's whole value to every process (a
+    collective: all processes read back together)."""
+    if all(leaf.is_fully_addressable for leaf in jax.tree.leaves(tree) if isinstance(leaf, jax.Array)):
+        return jax.device_get(tree)
+    return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def _abstract(leaf, placement: NamedSharding) -> jax.ShapeDtypeStruct:
@@ -118,7 +160,7 @@ def shard_model(model: Transformer | ModelStack, mesh: Mesh, rules: Mapping[str,
     (`transformer.abstract_model`: `jax.ShapeDtypeStruct` leaves) gets the shardings without any data."""
     abstract = isinstance(jax.tree.leaves(nnx.state(model.models if isinstance(model, ModelStack) else model))[0],
                           jax.ShapeDtypeStruct)
-    put = _abstract if abstract else jax.device_put
+    put = _abstract if abstract else place
     if isinstance(model, ModelStack):
         return dataclasses.replace(model, models=_placed(model.models, mesh, rules, 1, put))
     return _placed(model, mesh, rules, 0, put)

@@ -48,7 +48,7 @@ class Models:
         """`[M, B, ...]` arrays with their examples split over the mesh's data axis (unchanged without one)."""
         if self.mesh is None:
             return tree
-        return jax.tree.map(lambda a: jax.device_put(a, sharding.examples_sharding(self.mesh, a.ndim)), tree)
+        return jax.tree.map(lambda a: sharding.place(a, sharding.examples_sharding(self.mesh, a.ndim)), tree)
 
     def on_mesh(self):
         """The context the programs are traced and run in: the mesh, so that their layout constraints
@@ -250,7 +250,7 @@ def over_batches(models: Models, batch: Batch, batch_size: int, ablation: Ablati
             jax.block_until_ready(total)  # a wait, not a read: progress counts finished slices
             progress(start + n, size)
     # One read back for the whole run: every slice's rows and metrics joined on the devices first.
-    total, rows, clean, corrupted = jax.device_get((
+    total, rows, clean, corrupted = sharding.read_back((
         total, jnp.concatenate(rows, axis=1) if rows else None, jnp.concatenate(clean, axis=1),
         jnp.concatenate(corrupted, axis=1)))
     clean, corrupted = np.asarray(clean, np.float64), np.asarray(corrupted, np.float64)

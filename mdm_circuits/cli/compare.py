@@ -106,6 +106,10 @@ def add_parser(commands, common: argparse.ArgumentParser, positive) -> None:
     running.add_argument("--mesh", metavar="DATAxMODEL",
                          help="run attribution and causal checks on a device mesh, such as 2x4 (not a setting: a "
                               "run may resume on another mesh)")
+    running.add_argument("--distributed", nargs="?", const="", metavar="COORDINATOR:PORT,PROCESSES,ID",
+                         help="run as one of several processes (one or more per host, every one with this command) "
+                              "on a --mesh over all their devices; JAX finds the others on a Cloud TPU pod slice, "
+                              "under Slurm or Open MPI, elsewhere give process 0's address, the count and this id")
     running.add_argument("--models-per-program", type=int, default=defaults.models_per_program,
                          help="stack at most this many models of one architecture in one program (0: all)")
     running.add_argument("--out", default="out/compare", help="output directory (a rerun resumes there)")
@@ -125,6 +129,10 @@ def run(args: argparse.Namespace) -> None:
                         models_per_program=args.models_per_program)
     if args.models_per_program < 0:
         raise UsageError("--models-per-program must be 0 (all) or positive")
+    if args.distributed is not None:
+        if args.mesh is None:
+            raise UsageError("--distributed runs on a mesh over every process's devices; give --mesh DATAxMODEL")
+        sharding.join_processes(args.distributed)
     console = Console(highlight=False)
     console.print(f"comparing ARM and MDM circuits on {', '.join(settings.tasks)} into {args.out}", markup=False)
     start = time.perf_counter()

@@ -170,6 +170,15 @@ def _manifest(directory: str | Path) -> tuple[ModelConfig, jnp.dtype, int, str |
     return config, dtype, manifest["format"], manifest.get("checksum")
 
 
+def _on_this_process(template):
+    """The restore template; under `jax.distributed`, placed on this process's first device, so that every
+    process reads the whole model (orbax refuses a template without a sharding there: "Topology mismatch")."""
+    if jax.process_count() == 1:
+        return template
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device), template)
+
+
 def load(directory: str | Path, *, verify: bool = True) -> Transformer:
     """The model saved in `directory` by `save`, its checksum verified unless `verify` is False (models saved
     by earlier versions carry none)."""
@@ -182,12 +191,12 @@ def load(directory: str | Path, *, verify: bool = True) -> Transformer:
             layers = {layer: jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype),
                                           template["blocks"]) for layer in range(config.n_layers)}
             with ocp.StandardCheckpointer() as checkpointer:
-                restored = checkpointer.restore(directory / PARAMS, template | {"blocks": layers})
+                restored = checkpointer.restore(directory / PARAMS, _on_this_process(template | {"blocks": layers}))
             restored["blocks"] = jax.tree.map(lambda *per_layer: jnp.stack(per_layer),
                                               *(restored["blocks"][layer] for layer in range(config.n_layers)))
         else:
             with ocp.StandardCheckpointer() as checkpointer:
-                restored = checkpointer.restore(directory / PARAMS, template)
+                restored = checkpointer.restore(directory / PARAMS, _on_this_process(template))
     except Exception as error:  # orbax and tensorstore raise many kinds of errors on damaged checkpoints
         raise CheckpointError(f"the parameters in {directory / PARAMS} are missing or damaged ("
                               f"{type(error).__name__}: {str(error).splitlines()[0][:200]}); convert the model "
