@@ -1,5 +1,7 @@
 """Compiled memory (XLA's memory_analysis) of the plain forward, the intervened forward without
-interventions, and one EAP-IG batch, compiled with abstract weights (nothing is allocated).
+interventions, the plain gradient program (forward + backward to the embeddings, `plan --mode gradient`) and
+one EAP-IG batch, compiled with abstract weights (nothing is allocated), with EAP-IG's temporaries over the
+gradient program's.
 
     python experiments/memory_report.py [--models smollm2-135m,qwen2.5-7b,llama-2-7b]
 
@@ -22,6 +24,7 @@ from mdm_circuits.circuits.ablations import Ablation
 from mdm_circuits.circuits.attribution import _attribute_batch
 from mdm_circuits.circuits.interventions import run
 from mdm_circuits.circuits.plans import abstract_batch
+from mdm_circuits.model.planning import plan
 from mdm_circuits.model.presets import PRESETS
 from mdm_circuits.model.transformer import abstract_model, parameters
 from mdm_circuits.tasks import metrics
@@ -31,11 +34,13 @@ SHAPES = {"smollm2-135m": (jnp.float32, 32, 16), "qwen2.5-7b": (jnp.bfloat16, 8,
 MiB = 2**20
 
 
-def _report(what: str, compiled, seconds: float) -> None:
+def _report(what: str, compiled, seconds: float) -> int:
+    """Print a compiled program's memory; return its temporaries in bytes."""
     memory = compiled.memory_analysis()
     print(f"  {what:30s} arguments {memory.argument_size_in_bytes / MiB:9.1f} MiB  temporaries "
           f"{memory.temp_size_in_bytes / MiB:9.1f} MiB  outputs {memory.output_size_in_bytes / MiB:7.1f} MiB  "
           f"(compiled in {seconds:.1f} s)", flush=True)
+    return memory.temp_size_in_bytes
 
 
 def _compiled(function, *arguments, **static):
@@ -64,11 +69,14 @@ def main() -> None:
 
         _report("plain forward (logits)", *_compiled(plain, model, tokens))
         _report("intervened forward (logits)", *_compiled(intervened, model, tokens))
+        gradient = plan(PRESETS[name], batch=batch, seq_len=length, dtype=dtype, mode="gradient")
+        print(f"  {'gradient program':30s} temporaries {gradient.temp_bytes / MiB:9.1f} MiB", flush=True)
         weights = jax.ShapeDtypeStruct((batch,), bool)
-        _report("EAP-IG, 5 steps (one batch)", *_compiled(
+        attribution = _report("EAP-IG, 5 steps (one batch)", *_compiled(
             _attribute_batch.__wrapped__, model, abstract_batch(batch, length), weights, None, Ablation(),
             model_axis=None, metric=metrics.logit_difference, method="eap_ig_inputs", steps=5, step_chunk=1,
             aggregation="sum", per_example=False, rows_dtype=jnp.dtype(jnp.float32)))
+        print(f"  EAP-IG temporaries / gradient program's: {attribution / gradient.temp_bytes:.2f}")
 
 
 if __name__ == "__main__":

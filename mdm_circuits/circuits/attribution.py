@@ -14,6 +14,11 @@ Each method is one jitted program per batch of examples (vmapped over examples, 
 bounded by memory. Integrated-gradient steps run inside the program (a `lax.scan` over chunks of
 `step_chunk` vmapped steps).
 
+Within a batch, the largest array is Δ itself, one `[B, T, D]` per source (the reference holds it too). It is
+formed after the gradient runs, so the two are never held together, in the activations' dtype, and, against
+the corrupted run, straight from the heads' z (`_patching_differences`); `gradients.scores` contracts it with
+a few layers' gradients at a time.
+
 Per-example scores (`per_example=True`) come from the same program: the score product is then taken per
 example rather than summed over the batch, and each example's edge scores are kept, `[N, n_edges]` per
 model (N examples). That is N · n_edges numbers: 500 examples of a 7B graph (~10^6 edges) take 2 GB in
