@@ -1,6 +1,7 @@
 """What storing Δ in the activations' dtype costs: EAP-IG scores of SmolLM2-135M in bfloat16 with Δ (and the
-operands of its products) in bfloat16, as `attribute` runs them, against the same bfloat16 model with Δ and
-every score product in float32, and both against the float32 model.
+operands of its products) in bfloat16, as `attribute` runs them, against the same bfloat16 model with Δ in
+float32 (so every product with Δ runs in float32; the per-step x̂ of the norm correction stays bfloat16), and
+both against the float32 model.
 
     python experiments/delta_precision.py [--n 32] [--k 200]
 

@@ -75,7 +75,7 @@ def main() -> None:
         attribution = _report("EAP-IG, 5 steps (one batch)", *_compiled(
             _attribute_batch.__wrapped__, model, abstract_batch(batch, length), weights, None, Ablation(),
             model_axis=None, metric=metrics.logit_difference, method="eap_ig_inputs", steps=5, step_chunk=1,
-            aggregation="sum", per_example=False, rows_dtype=jnp.dtype(jnp.float32)))
+            aggregation="sum", per_example=False, rows_dtype=jnp.dtype(jnp.float32), mesh=None))
         print(f"  EAP-IG temporaries / gradient program's: {attribution / gradient.temp_bytes:.2f}")
 
 

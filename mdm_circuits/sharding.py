@@ -135,7 +135,7 @@ def place(x, placement: NamedSharding) -> jax.Array:
     the same `x` and places only the shards of its own devices, cut from a host copy (`jax.device_put` would
     first check that the processes agree by gathering the whole of `x` on every one of them, for every weight
     and every slice)."""
-    if placement.is_fully_addressable:
+    if placement.is_fully_addressable or (isinstance(x, jax.Array) and not x.is_fully_addressable):
         return jax.device_put(x, placement)
     host = np.asarray(x)
     return jax.make_array_from_callback(host.shape, placement, lambda index: host[index])
@@ -166,15 +166,14 @@ def shard_model(model: Transformer | ModelStack, mesh: Mesh, rules: Mapping[str,
     return _placed(model, mesh, rules, 0, put)
 
 
-def constrain(x: jax.Array, *axes: str | None) -> jax.Array:
-    """`x` laid out over the context mesh (`jax.set_mesh`) with dimension i split over mesh axis `axes[i]`
-    (None: whole). A no-op outside a mesh context; a dimension its axis does not divide stays whole."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
+def constrain(x: jax.Array, mesh: Mesh | None, *axes: str | None) -> jax.Array:
+    """`x` laid out on `mesh` with dimension i split over mesh axis `axes[i]` (None: whole), inside a traced
+    program; unchanged without a mesh. A dimension its axis does not divide stays whole."""
+    if mesh is None:
         return x
-    spec = [axis if axis in mesh.axis_names and x.shape[i] % mesh.shape[axis] == 0 else None
+    spec = [axis if axis is not None and x.shape[i] % _axis_size(mesh, axis) == 0 else None
             for i, axis in enumerate(axes)]
-    return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*spec)))
 
 
 def examples_sharding(mesh: Mesh, ndim: int, axis: int = 1) -> NamedSharding:

@@ -236,24 +236,27 @@ def test_unknown_method_and_bad_steps():
         attribute(model, batch, metrics.logit_difference, method="exact", per_example=True)
 
 
-def test_without_a_batch_size_attribution_takes_the_largest_batch_the_device_fits(monkeypatch):
-    """With `batch_size` unnamed, `attribute` takes the largest batch whose compiled program fits the device's
-    memory (here a device reporting exactly what a batch of 4 needs), and 32 where the device reports none."""
+@pytest.mark.parametrize("method", ["eap_ig_inputs", "eap_ig_activations"])
+def test_without_a_batch_size_attribution_takes_the_largest_batch_the_device_fits(monkeypatch, method):
+    """With `batch_size` unnamed, `attribute` takes the largest batch whose compiled program (of its own
+    method) fits the device's memory (here a device reporting exactly what a batch of 4 needs), and 32 where
+    the device reports none."""
     from mdm_circuits.circuits import plans
 
     model = random_model(CONFIG, seed=0)
     batch = collate(random_examples(CONFIG, 10, seed=0, min_length=6, max_length=6))
-    needed = plans.program_memory(CONFIG, batch=4, seq_len=6, steps=2, dtype=jnp.float32).peak_bytes
+    needed = plans.program_memory(CONFIG, batch=4, seq_len=6, steps=2, dtype=jnp.float32, method=method).peak_bytes
 
     def slices(memory):
         monkeypatch.setattr(plans, "device_memory", lambda mesh=None: memory)
         done = []
-        scores = attribute(model, batch, metrics.logit_difference, steps=2, progress=lambda n, total: done.append(n))
+        scores = attribute(model, batch, metrics.logit_difference, method=method, steps=2,
+                           progress=lambda n, total: done.append(n))
         return done, scores.matrix
 
     fitted, matrix = slices(needed)
     assert fitted == [4, 8, 10]
     unreported, _ = slices(None)
     assert unreported == [10]
-    named = attribute(model, batch, metrics.logit_difference, steps=2, batch_size=4).matrix
+    named = attribute(model, batch, metrics.logit_difference, method=method, steps=2, batch_size=4).matrix
     np.testing.assert_allclose(matrix, named, rtol=1e-5, atol=1e-7)

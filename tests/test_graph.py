@@ -129,7 +129,7 @@ def test_layout_helpers_round_trip():
     assert per_layer[2, 3 * 2] == graph.destination_index(mlp(2)) and logits == graph.destination_index(LOGITS)
     heads = per_layer[:, :-1].reshape(3, 3, 2)
     assert heads[1, 2, 0] == graph.destination_index(head(1, 0), Port.V)
-    np.testing.assert_array_equal(graph.join_columns(heads, per_layer[:, -1], logits), columns)
+    np.testing.assert_array_equal(graph.join_layer_columns(per_layer, logits), columns)
 
 
 def test_graphs_are_built_once_per_shape():

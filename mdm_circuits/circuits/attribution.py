@@ -14,10 +14,11 @@ Each method is one jitted program per batch of examples (vmapped over examples, 
 bounded by memory. Integrated-gradient steps run inside the program (a `lax.scan` over chunks of
 `step_chunk` vmapped steps).
 
-Within a batch, the largest array is Δ itself, one `[B, T, D]` per source (the reference holds it too). It is
-formed after the gradient runs, so the two are never held together, in the activations' dtype, and, against
-the corrupted run, straight from the heads' z (`_patching_differences`); `gradients.scores` contracts it with
-a few layers' gradients at a time.
+Within a batch, the largest array is Δ itself, one `[B, T, D]` per source (the reference holds it too),
+stored in the activations' dtype; `gradients.scores` contracts it with a few layers' gradients at a time. For
+EAP and EAP-IG on inputs it is formed after the gradient runs, so the two are never held together, and,
+against the corrupted run, straight from the heads' z (`_patching_differences`), so neither run's node
+outputs exist. EAP-IG on activations patches node outputs, so it holds both runs' and Δ throughout.
 
 Per-example scores (`per_example=True`) come from the same program: the score product is then taken per
 example rather than summed over the batch, and each example's edge scores are kept, `[N, n_edges]` per
@@ -82,19 +83,19 @@ def _gradient_parts(model, metric, embeddings, example, clean_logits, nodes=None
     return step_parts(model, result, probe_gradients)
 
 
-def _weights(batch, weights, aggregation) -> Float[Array, "B T"]:
-    """How much each position of each example counts: 1 at real positions of real examples (1/length for
-    'mean'), 0 elsewhere; in float32."""
-    scale = (weights[:, None] & batch.valid).astype(jnp.float32)
+def _weights(batch, weights, aggregation, dtype) -> Float[Array, "B T"]:
+    """How much each position of each example counts, in `dtype`: 1 at real positions of real examples
+    (1/length for 'mean'), 0 elsewhere."""
+    scale = (weights[:, None] & batch.valid).astype(dtype)
     if aggregation == "mean":
-        scale = scale / batch.valid.sum(axis=1, keepdims=True).astype(jnp.float32)
+        scale = scale / batch.valid.sum(axis=1, keepdims=True).astype(dtype)
     return scale
 
 
 def _weighted_differences(ablated, clean, batch, weights, aggregation) -> Float[Array, "N B T D"]:
-    """Δ = ablated − clean, weighted (`_weights`), taken in float32 and stored in the activations' dtype,
-    sources first (the score products contract whole rows)."""
-    scale = _weights(batch, weights, aggregation).astype(accumulation_dtype(clean.dtype))
+    """Δ = ablated − clean, weighted (`_weights`), taken in the accumulation dtype and stored in the
+    activations' dtype, sources first (the score products contract whole rows)."""
+    scale = _weights(batch, weights, aggregation, accumulation_dtype(clean.dtype))
     difference = (ablated.astype(scale.dtype) - clean.astype(scale.dtype)) * scale[:, None, :, None]
     return jnp.moveaxis(difference, 1, 0).astype(clean.dtype)
 
@@ -108,13 +109,15 @@ class _Differences(NamedTuple):
 
     @classmethod
     def of_rows(cls, graph: Graph, rows: Float[Array, "N B T D"]) -> _Differences:
+        """Δ laid out by source (`_weighted_differences`), split by kind."""
         first, per_layer = graph.layer_rows(rows)
         return cls(first, per_layer[:, :-1], per_layer[:, -1])
 
-    @staticmethod
-    def join(graph: Graph, input, heads, mlps):
-        """Per-kind results (`[..., M]` each) as rows in source order."""
-        return graph.join_rows(input, jnp.concatenate([heads, mlps[:, None]], axis=1))
+
+def _source_rows(graph: Graph, input, heads, mlps):
+    """Results for each kind of source (`gradients.scores` of `_Differences`, `[..., M]` each) as rows in
+    source order."""
+    return graph.join_rows(input, jnp.concatenate([heads, mlps[:, None]], axis=1))
 
 
 def _patching_differences(model, metric, batch, weights, aggregation, dtype=None):
@@ -128,15 +131,17 @@ def _patching_differences(model, metric, batch, weights, aggregation, dtype=None
         return result.layers.head_z, result.layers.mlp_out, read_logits(model, result.final, example)
 
     embeddings = [jax.vmap(model.embed)(tokens) for tokens in (batch.clean, batch.corrupted)]
-    (clean_z, clean_mlps, clean_logits), (z, mlps, logits) = (jax.vmap(one)(e, batch) for e in embeddings)
+    (clean_z, clean_mlps, clean_logits), (corrupted_z, corrupted_mlps, logits) = (
+        jax.vmap(one)(e, batch) for e in embeddings)
     narrow = embeddings[0].dtype if dtype is None else dtype
-    scale = _weights(batch, weights, aggregation)
+    wide = accumulation_dtype(narrow)
+    scale = _weights(batch, weights, aggregation, wide)
 
-    z = (z.astype(jnp.float32) - clean_z.astype(jnp.float32)) * scale[:, None, :, None, None]       # [B, L, T, H, E]
-    heads = jnp.einsum("blthe,lhed->lhbtd", z.astype(narrow), model.blocks.attn.w_o[...],
-                       preferred_element_type=jnp.float32).astype(narrow)
-    mlps = (mlps.astype(jnp.float32) - clean_mlps.astype(jnp.float32)) * scale[:, None, :, None]     # [B, L, T, D]
-    first = (embeddings[1].astype(jnp.float32) - embeddings[0].astype(jnp.float32)) * scale[..., None]
+    z_delta = (corrupted_z.astype(wide) - clean_z.astype(wide)) * scale[:, None, :, None, None]  # [B, L, T, H, E]
+    heads = jnp.einsum("blthe,lhed->lhbtd", z_delta.astype(narrow), model.blocks.attn.w_o[...],
+                       preferred_element_type=wide).astype(narrow)
+    mlps = (corrupted_mlps.astype(wide) - clean_mlps.astype(wide)) * scale[:, None, :, None]       # [B, L, T, D]
+    first = (embeddings[1].astype(wide) - embeddings[0].astype(wide)) * scale[..., None]
     differences = _Differences(first.astype(narrow), heads, jnp.moveaxis(mlps, 1, 0).astype(narrow))
     measure = jax.vmap(metric)
     return differences, measure(clean_logits, batch, clean_logits), measure(logits, batch, clean_logits)
@@ -168,12 +173,11 @@ def _batched_points(parts, arguments_at: Callable, alphas: Float[Array, " C"]):
 
 
 def _attribute_one(model, batch, weights, partners, ablation, *, metric, method, steps, step_chunk, aggregation,
-                   per_example, rows_dtype):
+                   per_example, rows_dtype, mesh):
     """One model's edge scores of one batch: their weighted sum, each example's scores per edge (with
     `per_example`, else None), and the clean and corrupted metric values."""
     graph = Graph.for_model(model.architecture)
     clean_embeddings = jax.vmap(model.embed)(batch.clean)
-    parts = jax.vmap(functools.partial(_gradient_parts, model, metric))
     if method == "eap_ig_activations":
         clean, ablated, clean_logits, clean_metric, corrupted_metric = plain_runs(model, metric, batch, ablation,
                                                                                   partners)
@@ -182,6 +186,7 @@ def _attribute_one(model, batch, weights, partners, ablation, *, metric, method,
                                        delta, steps, step_chunk, per_example)
     else:
         clean_logits = jax.vmap(functools.partial(answer_logits, model))(clean_embeddings, batch)
+        parts = jax.vmap(functools.partial(_gradient_parts, model, metric))
         if method == "eap":
             summed, per_step = parts(clean_embeddings, batch, clean_logits)
             per_step = jax.tree.map(lambda leaf: leaf[None], per_step)
@@ -197,7 +202,7 @@ def _attribute_one(model, batch, weights, partners, ablation, *, metric, method,
                                           step_chunk)
         # Δ is formed only now, so that it is not held through the gradient runs (the price is a second clean
         # forward).
-        summed, per_step, batch = jax.lax.optimization_barrier((summed, per_step, batch))
+        summed, per_step, batch, partners = jax.lax.optimization_barrier((summed, per_step, batch, partners))
         if ablation.kind == "corrupted":
             differences, clean_metric, corrupted_metric = _patching_differences(model, metric, batch, weights,
                                                                                 aggregation)
@@ -206,8 +211,8 @@ def _attribute_one(model, batch, weights, partners, ablation, *, metric, method,
             differences = _Differences.of_rows(graph, _weighted_differences(ablated, clean, batch, weights,
                                                                             aggregation))
         per_kind = gradients.scores(model, differences, summed, per_step, 1 if method == "eap" else steps,
-                                    per_example)
-        join = functools.partial(_Differences.join, graph)
+                                    per_example, mesh)
+        join = functools.partial(_source_rows, graph)
         scores = jax.vmap(join)(*per_kind) if per_example else join(*per_kind)
     if not per_example:
         return scores, None, clean_metric, corrupted_metric
@@ -216,9 +221,10 @@ def _attribute_one(model, batch, weights, partners, ablation, *, metric, method,
 
 
 @functools.partial(jax.jit, static_argnames=("model_axis", "metric", "method", "steps", "step_chunk",
-                                             "aggregation", "per_example", "rows_dtype"))
+                                             "aggregation", "per_example", "rows_dtype", "mesh"))
 def _attribute_batch(models, batch, weights, partners, ablation, *, model_axis, **options):
-    """`_attribute_one` for every model (vmapped over the model axis of a stack, `model_axis` 0)."""
+    """`_attribute_one` for every model (vmapped over the model axis of a stack, `model_axis` 0); `mesh` (or
+    None) is the mesh the inputs are placed on, where the score product lays out its operands."""
     return for_every_model(functools.partial(_attribute_one, **options), model_axis, (0, None, 0, 0))(
         models, batch, weights, partners, ablation)
 
@@ -330,27 +336,28 @@ def attribute(
                                "write the file; run without it")
     chosen = as_models(models, mesh)
     batch = model_batches(chosen, batch)
-    if batch_size is None:
-        batch_size, fitted_chunk = plans.attribution_batch(
-            chosen.configs[0], n_examples=batch.clean.shape[1], seq_len=batch.clean.shape[2], steps=steps,
-            dtype=chosen.tree.embedding.dtype, n_models=chosen.size, mesh=mesh)
-        step_chunk = fitted_chunk if step_chunk is None else step_chunk
-    step_chunk = 1 if step_chunk is None else step_chunk
     if method not in ("eap", "eap_ig_inputs", "eap_ig_activations"):
         raise AttributionError(f"unknown method {method!r}; use eap, eap_ig_inputs, eap_ig_activations or exact")
     if method == "eap_ig_inputs" and ablation.kind != "corrupted":
         raise AttributionError("eap_ig_inputs interpolates to the corrupted input; use method='eap' for "
                                f"{ablation.kind} ablation")
-    if steps < 1 or step_chunk < 1 or steps % step_chunk:
-        raise AttributionError(f"steps ({steps}) and step_chunk ({step_chunk}) must be positive, steps a multiple "
-                               f"of step_chunk")
     if aggregation not in ("sum", "mean"):
         raise AttributionError(f"aggregation must be 'sum' or 'mean', got {aggregation!r}")
+    if steps < 1 or (step_chunk is not None and (step_chunk < 1 or steps % step_chunk)):
+        raise AttributionError(f"steps ({steps}) and step_chunk ({step_chunk}) must be positive, steps a multiple "
+                               f"of step_chunk")
+    if batch_size is None:
+        batch_size, fitted_chunk = plans.attribution_batch(
+            chosen.configs[0], n_examples=batch.clean.shape[1], seq_len=batch.clean.shape[2],
+            dtype=chosen.tree.embedding.dtype, n_models=chosen.size, mesh=mesh, method=method, steps=steps,
+            ablation=ablation.kind, per_example=per_example)
+        step_chunk = fitted_chunk if step_chunk is None else step_chunk
+    step_chunk = 1 if step_chunk is None else step_chunk
     ablation = fit_ablation(chosen, batch, ablation, batch_size)
     program = functools.partial(
         _attribute_batch, chosen.tree, model_axis=chosen.axis, metric=metric, method=method, steps=steps,
         step_chunk=step_chunk, aggregation=aggregation, per_example=per_example,
-        rows_dtype=jnp.dtype(per_example_dtype))
+        rows_dtype=jnp.dtype(per_example_dtype), mesh=chosen.mesh)
     key = None if resume is None else _run_key(chosen, batch, (method, steps, aggregation, ablation.kind, ablation.seed,
                                                               batch_size, step_chunk, per_example,
                                                               jnp.dtype(per_example_dtype).name, metric.name))

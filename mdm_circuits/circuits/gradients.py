@@ -12,16 +12,18 @@ and x̂ · W_s g = (y W) · g is the head's own projection (without bias) dotted
     mean_k ∂/∂x_k = (1/m) · [W_s Σ_k g_k / r_k − Σ_k x̂_k β_k],      β_k = ((y W)_k · g_k) / (D r_k),
 
 which needs, per step, only the head-space sums Σ g/r and the small per-step factors x̂_k and β_k: the
-per-destination gradients are formed once, after all steps, one layer at a time, and contracted with Δ in
-`scores`.
+per-destination gradients are formed once, after all steps, a block of layers at a time, and contracted with
+Δ in `scores`.
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 from jaxtyping import Array, Float
 
 from mdm_circuits import sharding
@@ -76,7 +78,8 @@ def step_parts(model: Transformer, result: Run, gradients: Probes) -> tuple[Summ
 
 
 def scores(model: Transformer, differences: Sequence[Float[Array, "... B T D"]], summed: Summed,
-           per_step: PerStep, steps: int, per_example: bool = False) -> list[Float[Array, "... M"]]:
+           per_step: PerStep, steps: int, per_example: bool = False, mesh: Mesh | None = None
+           ) -> list[Float[Array, "... M"]]:
     """Σ_{b,t,d} Δ[..., b, t, d] · (mean gradient w.r.t. destination m's input)[b, t, d] for every row of Δ in
     each array of `differences` (any leading row axes, then examples, positions, width) and every destination
     m, in the graph's column order: one `[..., M]` per array. With `per_example`, the sum over b is not taken:
@@ -87,16 +90,16 @@ def scores(model: Transformer, differences: Sequence[Float[Array, "... B T D"]],
     head's q, k and v copy, and its MLP's) are formed at a time, `[3H + 1, B, T, D]` per layer from that
     layer's weights, and contracted with all of Δ at once. Products with Δ take their other operand in Δ's
     dtype and accumulate in float32: for a bfloat16 model the mean gradients are rounded to bfloat16 there,
-    as its activations already are.
+    as its activations already are. On a `mesh`, Δ and each block's gradients split their width over `model`
+    (and examples over `data`), so neither is whole on any device; the products then add up partial sums of a
+    small result.
     """
     graph = Graph.for_model(model.architecture)
     attn, norm_scales = model.blocks.attn, model.blocks.attn_norm.scale[...]
     narrow, wide = differences[0].dtype, summed.heads.dtype
     batch, length, width = differences[0].shape[-3:]
     out = "b...k" if per_example else "...k"
-    # On a mesh, Δ and each layer's gradients split their width over `model` (and examples over `data`), so
-    # neither is whole on any device; the products then add up partial sums of a small result.
-    differences = [sharding.constrain(delta, *[None] * (delta.ndim - 3), sharding.DATA, None, sharding.MODEL)
+    differences = [sharding.constrain(delta, mesh, *[None] * (delta.ndim - 3), sharding.DATA, None, sharding.MODEL)
                    for delta in differences]
 
     def contract(destinations: Float[Array, "K B T D"]) -> list[Float[Array, "... K"]]:
@@ -111,11 +114,13 @@ def scores(model: Transformer, differences: Sequence[Float[Array, "... B T D"]],
                  - jnp.einsum("sbtd,sbpht->phbtd", per_step.normalized[:, :, layer], per_step.factor[:, :, layer],
                               preferred_element_type=wide))
         destinations = jnp.concatenate([heads.reshape(-1, batch, length, width), summed.mlp[None, :, layer]])
-        return contract(sharding.constrain(destinations.astype(narrow), None, sharding.DATA, None, sharding.MODEL))
+        return contract(sharding.constrain(destinations.astype(narrow), mesh, None, sharding.DATA, None,
+                                           sharding.MODEL))
 
-    # Layers in blocks whose destinations number at most a third of the sources: each product then reads Δ
-    # once per block rather than once per layer, and a block's gradients stay well below Δ's size.
-    layers_per_block = max(1, graph.n_sources // (3 * (3 * graph.n_heads + 1)))
+    # Layers in blocks whose destinations number at most a third of Δ's rows: each product then reads Δ once
+    # per block rather than once per layer, and a block's gradients stay well below Δ's size.
+    n_rows = sum(math.prod(delta.shape[:-3]) for delta in differences)
+    layers_per_block = max(1, n_rows // (3 * (3 * graph.n_heads + 1)))
     per_layer = jax.lax.map(layer_columns, jnp.arange(graph.n_layers), batch_size=layers_per_block)
     logits = contract(summed.logits.astype(narrow)[None])                              # each [..., 1]
     return [graph.join_layer_columns(jnp.moveaxis(layers, 0, -2), last[..., 0]) / steps

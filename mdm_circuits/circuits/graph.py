@@ -192,13 +192,6 @@ class Graph:
         xp = _namespace(per_layer)
         return xp.concatenate([per_layer.reshape(*per_layer.shape[:-2], -1), logits[..., None]], axis=-1)
 
-    def join_columns(self, heads, mlps, logits):
-        """Destination columns (last axis) from per-layer parts: heads `[..., L, 3, H]` (q, k, v inputs),
-        MLPs `[..., L]`, the logits `[...]`."""
-        xp = _namespace(heads)
-        per_layer = xp.concatenate([heads.reshape(*heads.shape[:-2], -1), mlps[..., None]], axis=-1)
-        return self.join_layer_columns(per_layer, logits)
-
     # ---- nodes and edges, in the reference's order ----
 
     @functools.cached_property

@@ -9,7 +9,6 @@ partners and fitted ablation means always carry a leading model axis `[M, B, ...
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import io
@@ -49,11 +48,6 @@ class Models:
         if self.mesh is None:
             return tree
         return jax.tree.map(lambda a: sharding.place(a, sharding.examples_sharding(self.mesh, a.ndim)), tree)
-
-    def on_mesh(self):
-        """The context the programs are traced and run in: the mesh, so that their layout constraints
-        (`sharding.constrain`) apply (nothing without one)."""
-        return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
 
     @property
     def axis(self) -> int | None:
@@ -236,8 +230,7 @@ def over_batches(models: Models, batch: Batch, batch_size: int, ablation: Ablati
             index = np.concatenate([index, np.repeat(index[:1], part.clean.shape[1] - len(index))])
             partners = models.place(jax.tree.map(lambda a: a[:, index], batch))
         weights = jnp.arange(part.clean.shape[1]) < n
-        with models.on_mesh():
-            summed, per_example, clean_metric, corrupted_metric = program(models.place(part), weights, partners)
+        summed, per_example, clean_metric, corrupted_metric = program(models.place(part), weights, partners)
         total = total + summed
         if per_example is not None:
             rows.append(per_example[:, :n])

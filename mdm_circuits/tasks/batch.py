@@ -113,7 +113,8 @@ class Batch:
             if len({shapes[name] for name in group}) > 1:
                 raise BatchError("the batch's " + ", ".join(f"{name} {shapes[name]}" for name in group) + " must have "
                                  "one shape; build batches with tasks.batch.collate")
-        if len({shape[:1] for shape in shapes.values()}) > 1 or shapes["correct"][:2] != shapes["answer_mask"]:
+        if (len({shape[:1] for shape in shapes.values()}) > 1
+                or shapes["correct"][:2] != shapes["answer_mask"] or shapes["incorrect"][:2] != shapes["answer_mask"]):
             raise BatchError(f"the batch's arrays disagree on the number of examples or answer positions ({shapes}); "
                              f"build batches with tasks.batch.collate")
 
