@@ -24,7 +24,7 @@ from mdm_circuits.circuits.runs import chunked
 from mdm_circuits.errors import PlanningError
 from mdm_circuits.model.config import ModelConfig
 from mdm_circuits.model.planning import MemoryPlan
-from mdm_circuits.model.transformer import abstract_model, parameters
+from mdm_circuits.model.transformer import abstract_model
 from mdm_circuits.tasks import metrics
 from mdm_circuits.tasks.batch import Batch
 
@@ -73,14 +73,8 @@ def program_memory(config: ModelConfig, *, mode: Mode = "eap-ig", batch: int, se
         lowered = _effects_batch.lower(placed, examples, weights, None, Ablation(),
                                        jax.ShapeDtypeStruct(patches.shape, patches.dtype), effects=_node_effects,
                                        model_axis=None, metric=metrics.logit_difference)
-    memory = lowered.compile().memory_analysis()
-    seconds = time.perf_counter() - start
-    leaves = jax.tree.leaves(parameters(model))
-    return MemoryPlan(
-        n_parameters=sum(leaf.size for leaf in leaves),
-        parameter_bytes=sum(leaf.size * jnp.dtype(leaf.dtype).itemsize for leaf in leaves),
-        argument_bytes=memory.argument_size_in_bytes, output_bytes=memory.output_size_in_bytes,
-        temp_bytes=memory.temp_size_in_bytes, backend=jax.default_backend(), compile_seconds=seconds)
+    compiled = lowered.compile()
+    return MemoryPlan.of(compiled, model, time.perf_counter() - start)
 
 
 def _attribution_lowered(placed, examples, weights, config, steps, step_chunk, mesh, method, kind, per_example):

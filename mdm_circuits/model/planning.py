@@ -30,6 +30,21 @@ class MemoryPlan:
     backend: str
     compile_seconds: float
 
+    @classmethod
+    def of(cls, compiled, model, seconds: float) -> MemoryPlan:
+        """The plan of a compiled program whose parameters are `model`'s (abstract or real)."""
+        memory = compiled.memory_analysis()
+        leaves = jax.tree.leaves(parameters(model))
+        return cls(
+            n_parameters=sum(leaf.size for leaf in leaves),
+            parameter_bytes=sum(leaf.size * jnp.dtype(leaf.dtype).itemsize for leaf in leaves),
+            argument_bytes=memory.argument_size_in_bytes,
+            output_bytes=memory.output_size_in_bytes,
+            temp_bytes=memory.temp_size_in_bytes,
+            backend=jax.default_backend(),
+            compile_seconds=seconds,
+        )
+
     @property
     def peak_bytes(self) -> int:
         """Arguments (parameters and inputs), outputs and XLA's temporary buffers, all live at once."""
@@ -62,15 +77,4 @@ def plan(
         raise PlanningError(f"mode must be 'forward' or 'gradient', got {mode!r}")
     start = time.perf_counter()
     compiled = jax.jit(program, static_argnums=0).lower(graphdef, state, tokens).compile()
-    seconds = time.perf_counter() - start
-    memory = compiled.memory_analysis()
-    leaves = jax.tree.leaves(parameters(abstract_model(config, dtype)))
-    return MemoryPlan(
-        n_parameters=sum(leaf.size for leaf in leaves),
-        parameter_bytes=sum(leaf.size * jnp.dtype(leaf.dtype).itemsize for leaf in leaves),
-        argument_bytes=memory.argument_size_in_bytes,
-        output_bytes=memory.output_size_in_bytes,
-        temp_bytes=memory.temp_size_in_bytes,
-        backend=jax.default_backend(),
-        compile_seconds=seconds,
-    )
+    return MemoryPlan.of(compiled, abstract_model(config, dtype), time.perf_counter() - start)
