@@ -51,7 +51,20 @@ def test_the_comparison_writes_the_whole_report(finished):
     report = (finished / "report.md").read_text()
     assert all(f"figures/{name}" in report for name in figures)
     summary = json.loads((finished / "summary.json").read_text())
-    assert [f["verdict"] in (SUPPORTS, CONTRADICTS, CANNOT_TELL) for f in summary["findings"]] == [True] * 4
+    # A task's contrast is checked first; where it fails (8 questions leave the median gap's interval wide), the
+    # task is named and read by no finding.
+    for task, measured in summary["tasks"].items():
+        assert set(measured["validity"]) == set(summary["models"])
+        for name, checked in measured["validity"].items():
+            assert 0 <= checked["share_positive"] <= 1 and checked["n"] == 8
+            assert checked["fails"] == (checked["share_positive"] < 0.8 or checked["median_low"] is None
+                                        or checked["median_low"] <= 0)
+        failing = [name for name in ("ARM", "MDM") if measured["validity"][name]["fails"]]
+        assert summary["contrast_fails"].get(task, []) == failing == measured["contrast_fails_for"]
+    assert "Validity of the contrast" in report
+    assert summary["contrast_fails"] == {"ioi": ["ARM", "MDM"]}  # a negative gap among 8 questions
+    assert summary["findings"][0]["verdict"] == "not measured" and "contrast fails" in summary["findings"][0]["evidence"]
+    assert all(f["verdict"] in (SUPPORTS, CONTRADICTS, CANNOT_TELL, "not measured") for f in summary["findings"])
     ioi = summary["tasks"]["ioi"]
     assert ioi["questions"] == 8 and set(ioi["accuracy"]) == set(summary["models"])
     overlap = ioi["overlap"]["ARM vs MDM"]

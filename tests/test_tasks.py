@@ -145,7 +145,7 @@ def test_greater_than_adapts_to_how_years_are_written():
         start = int(re.findall(r"\d{4}", _text(digits, example.clean).replace(" ", ""))[0][2:])
         larger = sorted(int(digits.id_to_token(t)) for t in example.correct[0])
         assert start % 10 == 9 and larger == list(range(start // 10 + 1, 10))  # decided by the tens digit
-        assert "01" in _text(digits, example.corrupted)
+        assert _start(digits, example.corrupted) == greater_than.counterfactual_start("digits")
     for example in greater_than.examples(pairs, 10, seed=3):
         start = int(re.findall(r"\d{4}", _text(pairs, example.clean).replace(" ", ""))[0][2:])
         assert sorted(int(pairs.id_to_token(t)) for t in example.correct[0]) == list(range(start + 1, 100))
@@ -295,3 +295,45 @@ def test_what_the_test_split_holds_out_is_learnable_from_the_train_split():
         decider = dict(next(f for f in infilling.FRAMES if f.sentence == sentence).choices)[word]
         assert any((word, decider) in frame.choices and (frame.sentence, word) not in cells
                    for frame in infilling.FRAMES if frame.sentence != sentence)
+
+
+# ---- the Greater-Than counterfactual and the view-matched infilling question ----
+
+
+def _start(tokenizer, tokens) -> int:
+    """The start year's ending in a Greater-Than prompt."""
+    return int(re.findall(r"\d{4}", _text(tokenizer, tokens).replace(" ", ""))[0][2:])
+
+
+@pytest.mark.parametrize("pattern, mode, lowest", [(DIGITS, "digits", 9), (PAIRS, "pairs", 2)], ids=["digits", "pairs"])
+@pytest.mark.parametrize("view", [View(), View(0)], ids=["arm", "mdm"])
+def test_greater_than_corrupts_only_the_start_year_to_the_lowest_one_posed(pattern, mode, lowest, view):
+    tokenizer = pattern_tokenizer(pattern, TEXTS)
+    assert greater_than.year_tokens(tokenizer) == mode and greater_than.counterfactual_start(mode) == lowest
+    for example in greater_than.examples(tokenizer, 30, seed=2, view=view, split="test"):
+        clean, corrupted = _start(tokenizer, example.clean), _start(tokenizer, example.corrupted)
+        assert corrupted == lowest < clean
+        changed = [i for i, (a, b) in enumerate(zip(example.clean, example.corrupted)) if a != b]
+        assert len(example.clean) == len(example.corrupted) and len(changed) == 1  # the tens digit, or the ending
+        assert changed[0] < example.answer_positions[0]
+        # One answer position and the clean question's candidates, which both runs are scored with.
+        larger = sorted(int(tokenizer.id_to_token(t)) for t in example.correct[0])
+        assert larger == (list(range(clean // 10 + 1, 10)) if mode == "digits" else list(range(clean + 1, 100)))
+
+
+def test_infilling_poses_an_mdm_the_arm_question_with_its_answer_masked_at_the_end():
+    tokenizer = pattern_tokenizer(DIGITS, TEXTS)
+    arm = infilling.examples(tokenizer, 20, seed=4)
+    mdm = infilling.examples(tokenizer, 20, seed=4, view=View(0), form="question")
+    assert infilling.examples(tokenizer, 20, seed=4, form="question") == arm  # an ARM takes the question anyway
+    for a, m in zip(arm, mdm):
+        position = a.answer_positions[0]
+        assert m.answer_positions == a.answer_positions == [len(a.clean)]
+        assert m.clean == [*a.clean, 0] and m.corrupted == [*a.corrupted, 0]
+        assert (m.correct, m.incorrect, m.accepted, m.metric) == (a.correct, a.incorrect, a.accepted, a.metric)
+        assert m.clean[position] == 0
+    native = infilling.examples(tokenizer, 20, seed=4, view=View(0))
+    assert [(e.correct, e.incorrect) for e in native] == [(e.correct, e.incorrect) for e in mdm]
+    collate(mdm)
+    with pytest.raises(BatchError, match="unknown infilling form 'cloze'"):
+        infilling.examples(tokenizer, 1, form="cloze")

@@ -8,7 +8,8 @@ destination v reads Σ_u c_uv · out_u(this run) + (1 − c_uv) · ablation_u. T
 
 with M the task metric averaged over examples, M(clean) the full graph and M(ablated) the empty one. Many
 circuits (a whole curve over K) are evaluated by one vmapped program. Curves and searches take the circuits
-from `selection` (top-K, optionally pruned of dangling edges).
+from `selection` (top-K, optionally pruned of dangling edges). The same program can also return every
+question's metric (`per_example`), for intervals over questions (`mdm_circuits.analysis.faithfulness`).
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ import functools
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from mdm_circuits.circuits import normalised
 from mdm_circuits.circuits.ablations import Ablation
 from mdm_circuits.circuits.graph import Graph
 from mdm_circuits.circuits.interventions import EdgeWeights, Interventions, run
@@ -45,23 +48,46 @@ from mdm_circuits.tasks.metrics import Metric
 
 @dataclasses.dataclass(frozen=True)
 class Evaluation:
-    """Mean metric of each evaluated circuit, of the full model (clean) and of the empty circuit (ablated)."""
+    """Mean metric of each evaluated circuit, of the full model (clean) and of the empty circuit (ablated), and
+    the metric's direction. With `evaluate(..., per_example=True)`, also every question's values: `circuit_rows`
+    `[S, N]`, `clean_rows` and `ablated_rows` `[N]`, whose means over N are the three means."""
 
     circuit_metric: np.ndarray
     clean_metric: float
     ablated_metric: float
+    higher_is_better: bool = True
+    circuit_rows: np.ndarray | None = None
+    clean_rows: np.ndarray | None = None
+    ablated_rows: np.ndarray | None = None
 
     @property
     def faithfulness(self) -> np.ndarray:
+        """The plain ratio, for searches and the CLI. It is refused only where clean and ablated agree to 1e-8
+        relative, which rounding can miss (a corrupted input equal to the clean one leaves a gap of ~1e-7);
+        `faithfulness_where_defined` applies the comparison's floor and the metric's direction instead."""
         gap = self.clean_metric - self.ablated_metric
         if abs(gap) < 1e-8 * max(1.0, abs(self.clean_metric)):
             raise CircuitError(f"the clean ({self.clean_metric:.4g}) and fully ablated "
                                f"({self.ablated_metric:.4g}) metrics coincide; faithfulness is undefined")
         return (self.circuit_metric - self.ablated_metric) / gap
 
+    @property
+    def defined(self) -> bool:
+        """Whether the clean − ablated gap carries a ratio: above the floor of `normalised`, in the metric's
+        good direction."""
+        return bool(normalised.defined(self.clean_metric, self.ablated_metric, self.higher_is_better))
 
-def _circuit_metrics(model, batch, weights, partners, ablation, circuit_chunks, *, metric):
-    """Σ_examples weight · metric for every circuit in `circuit_chunks[n, c, N, M]`, and both baselines' values."""
+    @property
+    def faithfulness_where_defined(self) -> np.ndarray:
+        """Faithfulness of each circuit, NaN (undefined) for all of them where the gap is not `defined`: the
+        form a comparison reports (DESIGN section 6)."""
+        return normalised.normalised(self.circuit_metric, self.clean_metric, self.ablated_metric,
+                                     self.higher_is_better)
+
+
+def _circuit_metrics(model, batch, weights, partners, ablation, circuit_chunks, *, metric, per_example):
+    """Σ_examples weight · metric for every circuit in `circuit_chunks[n, c, N, M]`, both baselines' values, and
+    with `per_example` every example's metric of every circuit followed by its clean metric, `[B, n·c + 1]`."""
     _, ablated, clean_logits, clean_metric, corrupted_metric = plain_runs(model, metric, batch, ablation, partners)
 
     def one_circuit(circuit):
@@ -73,24 +99,30 @@ def _circuit_metrics(model, batch, weights, partners, ablation, circuit_chunks, 
         return jax.vmap(one_example)(batch, ablated, clean_logits)
 
     values = jax.lax.map(jax.vmap(one_circuit), circuit_chunks).reshape(-1, batch.size)
-    return values @ weights.astype(values.dtype), None, clean_metric, corrupted_metric
+    rows = jnp.concatenate([values, clean_metric[None].astype(values.dtype)]).T if per_example else None
+    return values @ weights.astype(values.dtype), rows, clean_metric, corrupted_metric
 
 
-@functools.partial(jax.jit, static_argnames=("model_axis", "metric"))
-def _circuit_metrics_batch(models, batch, weights, partners, ablation, circuit_chunks, *, model_axis, metric):
+@functools.partial(jax.jit, static_argnames=("model_axis", "metric", "per_example"))
+def _circuit_metrics_batch(models, batch, weights, partners, ablation, circuit_chunks, *, model_axis, metric,
+                           per_example):
     """`_circuit_metrics` of every model, each with its own circuits (vmapped over a stack's model axis)."""
-    return for_every_model(functools.partial(_circuit_metrics, metric=metric), model_axis, (0, None, 0, 0, 0))(
+    program = functools.partial(_circuit_metrics, metric=metric, per_example=per_example)
+    return for_every_model(program, model_axis, (0, None, 0, 0, 0))(
         models, batch, weights, partners, ablation, circuit_chunks)
 
 
 def evaluate(models: Transformer | ModelStack, batch: Batch | Sequence[Batch], circuits, metric: Metric, *,
              ablation: Ablation = Ablation(), batch_size: int = 32, chunk: int = 4,
-             progress: Progress | None = None, mesh: Mesh | None = None) -> Evaluation | list[Evaluation]:
+             progress: Progress | None = None, mesh: Mesh | None = None,
+             per_example: bool = False) -> Evaluation | list[Evaluation]:
     """Mean metric of each circuit (`[N, M]` or several, `[C, N, M]`), with the clean and ablated baselines.
 
     For a `ModelStack`, `circuits` is one array for every model or a sequence with one per model (equally
     many circuits each), `batch` one batch or one per model; one `Evaluation` per model is returned. With a
-    `mesh` (`mdm_circuits.sharding`), weights are split over its model axis and examples over its data axis."""
+    `mesh` (`mdm_circuits.sharding`), weights are split over its model axis and examples over its data axis.
+    With `per_example`, every question's metric of every circuit and of both baselines comes back too
+    (`Evaluation.circuit_rows`, `clean_rows`, `ablated_rows`), from the same program."""
     chosen = as_models(models, mesh)
     graph = Graph.for_model(chosen.configs[0])
     per_model = list(circuits) if chosen.stacked and not isinstance(circuits, np.ndarray) else [circuits] * chosen.size
@@ -108,10 +140,20 @@ def evaluate(models: Transformer | ModelStack, batch: Batch | Sequence[Batch], c
     with_empty = np.stack([np.concatenate([c & graph.edge_mask, np.zeros_like(c[:1])]) for c in per_model])
     chunks = chunked(with_empty, chunk, axis=1)
     totals = over_batches(chosen, batch, batch_size, ablation, lambda part, weights, partners: _circuit_metrics_batch(
-        chosen.tree, part, weights, partners, ablation, chunks, model_axis=chosen.axis, metric=metric), progress)
+        chosen.tree, part, weights, partners, ablation, chunks, model_axis=chosen.axis, metric=metric,
+        per_example=per_example), progress)
     n = with_empty.shape[1]
-    return chosen.results([Evaluation(totals.mean[index, : n - 1], float(totals.clean_metric[index]),
-                                      float(totals.mean[index, n - 1])) for index in range(chosen.size)])
+    return chosen.results([
+        Evaluation(totals.mean[index, : n - 1], float(totals.clean_metric[index]), float(totals.mean[index, n - 1]),
+                   metric.higher_is_better, **(_row_fields(totals.rows[index], n) if per_example else {}))
+        for index in range(chosen.size)])
+
+
+def _row_fields(rows: np.ndarray, n: int) -> dict[str, np.ndarray]:
+    """One model's per-example rows `[N, padded + 1]` as `Evaluation` fields: its circuits in the first n − 1
+    columns, the empty circuit in column n − 1, then the chunks' padding copies, the clean metric last."""
+    rows = np.asarray(rows, np.float64)
+    return {"circuit_rows": rows[:, : n - 1].T, "ablated_rows": rows[:, n - 1], "clean_rows": rows[:, -1]}
 
 
 @dataclasses.dataclass(frozen=True)

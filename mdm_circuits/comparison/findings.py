@@ -18,7 +18,8 @@ combined replicate by replicate, their pools being independent).
    (the controls). Supported when, on every task, the ARM-MDM overlap is below each control's overlap with
    its baseline (ARM vs continued ARM, MDM vs MDM seed 2: interval of the difference below 0); contradicted
    when, on every task, it is above at least one of them; not measured without controls.
-Otherwise the run cannot tell; a finding whose tasks were not run is not measured.
+Otherwise the run cannot tell. A finding whose tasks were not run, or whose contrast fails for the ARM or the
+MDM (`analysis.validity`; such tasks are not passed to `judge`), is not measured.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def _model(found: dict, name: str) -> int:
 
 def first(structures: dict, replicates: dict) -> dict:
     if "ioi" not in structures:
-        return {"verdict": NOT_MEASURED, "evidence": "IOI was not run"}
+        return {"verdict": NOT_MEASURED, "evidence": "IOI was not run, or its contrast fails"}
     found = structures["ioi"]
     point, values = _overlap(found, replicates["ioi"])
     low, high = _ci(values)
@@ -73,7 +74,7 @@ def first(structures: dict, replicates: dict) -> dict:
 
 def second(structures: dict, replicates: dict) -> dict:
     if not {"ioi", "countdown"} <= set(structures):
-        return {"verdict": NOT_MEASURED, "evidence": "needs both IOI and Countdown"}
+        return {"verdict": NOT_MEASURED, "evidence": "needs both IOI and Countdown, run with contrasts that work"}
     ioi_point, ioi_values = _overlap(structures["ioi"], replicates["ioi"])
     count_point, count_values = _overlap(structures["countdown"], replicates["countdown"])
     drop, drop_ci = ioi_point - count_point, _ci(ioi_values - count_values)
@@ -98,7 +99,7 @@ def third(structures: dict, replicates: dict) -> dict:
     tasks = [t for t in ("ioi", "countdown") if t in structures] if {"ioi", "countdown"} <= set(structures) \
         else list(structures)
     if not tasks:
-        return {"verdict": NOT_MEASURED, "evidence": "no task was run"}
+        return {"verdict": NOT_MEASURED, "evidence": "no task was run with a contrast that works"}
     rows = {}
     for task in tasks:
         found, values = structures[task], replicates[task]["entropy"]
@@ -122,7 +123,7 @@ def fourth(structures: dict, replicates: dict, controls: list[tuple[str, str]]) 
     if not controls:
         return {"verdict": NOT_MEASURED, "evidence": "no control was run"}
     if not structures:
-        return {"verdict": NOT_MEASURED, "evidence": "no task was run"}
+        return {"verdict": NOT_MEASURED, "evidence": "no task was run with a contrast that works"}
     rows, below, above = {}, [], []
     for task, found in structures.items():
         point, values = _overlap(found, replicates[task])

@@ -60,17 +60,22 @@ def compare(settings: Settings, directory: str | Path, *, fresh: bool = False, r
                                     reporter)
         found = timed(f"{task}: structure", stages.structure_stage, store, task, graph, names, rows, settings,
                       reporter)
+        faithful = timed(f"{task}: faithfulness", stages.faithfulness_stage, store, models, drawn, task, graph, names,
+                         rows, found, settings, reporter)
         meaning = timed(f"{task}: semantics", stages.semantics_stage, store, models, drawn, task, graph, found,
                         settings, reporter)
         checked = timed(f"{task}: causal check", stages.causal_stage, store, models, drawn, task, graph, found,
                         settings, reporter)
         robust = timed(f"{task}: robustness", stages.robustness_stage, store, models, drawn, task, graph, names,
                        rows, settings, reporter)
-        results[task] = {"pool": drawn, "scores": scored, "structure": found, "semantics": meaning,
+        results[task] = {"pool": drawn, "scores": scored, "structure": found, "faithfulness": faithful,
+                         "semantics": meaning,
                          "causal": checked, "robustness": robust, "means": [r.mean(0) for r in rows]}
         results[task]["contrasts"] = compose.contrasts(results[task], models.contrasts)
     replicates = {task: store.arrays(f"structure-{task}") for task in settings.tasks}
-    verdicts = findings.judge({t: r["structure"] for t, r in results.items()}, replicates, models.controls)
+    # A task whose contrast fails for the ARM or the MDM is reported under a warning and read by no finding.
+    valid = {t: r["structure"] for t, r in results.items() if not compose.failed_models(r["pool"])}
+    verdicts = findings.judge(valid, replicates, models.controls)
     reporter.begin("writing the report")
     mdm = models["MDM"]
     described = compose.Models(roles={m.name: m.role for m in models.members}, contrasts=models.contrasts,

@@ -41,6 +41,7 @@ class Settings:
       bootstrap: resamples of the pool for every confidence interval (95%, percentile).
       null_draws, splits: random edge-set pairs and disjoint half-pool splits for the two nulls.
       causal_size, causal_draws: components zeroed in the causal check, and draws of each control set.
+      tau: the faithfulness at which a circuit counts as found (the comparison at matched faithfulness).
       max_length: leave out questions longer than this many tokens.
       batch_size: examples per compiled program.
       models_per_program: at most this many models of one architecture run as one stacked program (0: all).
@@ -67,6 +68,7 @@ class Settings:
     splits: int = 20
     causal_size: int = 3
     causal_draws: int = 10
+    tau: float = 0.8
     max_length: int | None = None
     batch_size: int = 32
     models_per_program: int = 0
@@ -82,6 +84,8 @@ class Settings:
                      "batch_size"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0 < self.tau <= 1:
+            problems.append(f"tau must lie in (0, 1], got {self.tau}")
         if self.pool < 4:
             problems.append(f"a pool of {self.pool} questions cannot be split into halves for the nulls; use >= 4")
         if self.split not in {split.value for split in Split}:

@@ -16,10 +16,13 @@ import itertools
 
 import numpy as np
 
-from mdm_circuits.analysis import causal, semantics, structure
+from mdm_circuits.analysis import causal, faithfulness, semantics, structure, validity
+from mdm_circuits.analysis.validity import contrast_metrics
 from mdm_circuits.circuits.ablations import Ablation
 from mdm_circuits.circuits.attribution import attribute
+from mdm_circuits.circuits.evaluation import evaluate
 from mdm_circuits.circuits.graph import Graph
+from mdm_circuits.circuits.normalised import normalised
 from mdm_circuits.circuits.patching import ablate_node_sets
 from mdm_circuits.comparison.lineup import Lineup, Member
 from mdm_circuits.comparison.progress import Reporter
@@ -72,8 +75,58 @@ def pool(store: RunDirectory, lineup: Lineup, task: str, settings: Settings, rep
     result = {"drawn": drawn.drawn, "pool_accuracy": {"ARM": drawn.arm_accuracy, "MDM": drawn.mdm_accuracy},
               "accuracy": accuracy, "accuracy_sample": settings.pool,
               "arm": [dataclasses.asdict(e) for e in drawn.arm], "mdm": [dataclasses.asdict(e) for e in drawn.mdm]}
+    result["views"] = view_differences(drawn.arm, drawn.mdm)
+    examples = posed(lineup, result, settings, protocol="single")
+    reporter.begin(f"{task}: every model on the pooled questions", len(lineup.members))
+    result["solved_in_pool"] = {}
+    for index, member in enumerate(lineup.members):
+        result["solved_in_pool"][member.name] = float(solved(member.model, examples[member.name].examples).mean())
+        reporter.update(index + 1)
+    reporter.begin(f"{task}: the contrast of every model (clean against corrupted)", len(lineup.members))
+    metric = TASKS[task].METRIC
+
+    def contrasts(models, names):
+        result = contrast_metrics(models, [examples[name].examples for name in names] if len(names) > 1
+                                  else examples[names[0]].examples, metric, batch_size=settings.batch_size,
+                                  mesh=lineup.mesh)
+        reporter.update(len(names))
+        return result
+
+    measured = dict(zip(lineup.names, _run(list(lineup.members), settings, contrasts)))
+    result["metrics"] = {name: {"clean": c.clean.tolist(), "corrupted": c.corrupted.tolist()}
+                         for name, c in measured.items()}
+    result["validity"] = {name: _validity(c, metric.higher_is_better) for name, c in measured.items()}
     store.save(f"pool-{task}", result)
     return result
+
+
+def _validity(contrast, higher_is_better: bool) -> dict:
+    checked = validity.validity(contrast.clean, contrast.corrupted, higher_is_better)
+    fields = {key: value if not isinstance(value, float) or np.isfinite(value) else None
+              for key, value in dataclasses.asdict(checked).items()}
+    return fields | {"fails": checked.fails}
+
+
+def view_differences(arm: list[Example], mdm: list[Example]) -> list[str]:
+    """Every way the ARM's view of the pooled questions differs from the MDM's, read from the examples
+    themselves (so a task of your own is described as truly as the shipped ones)."""
+    differences = ["attention: the ARM's is causal, the MDM's bidirectional",
+                   "answer positions: the MDM's hold its mask token; the ARM reads the answer after its prompt"]
+    prompts_differ = sum(a.clean[: a.answer_positions[0]] != m.clean[: m.answer_positions[0]]
+                         for a, m in zip(arm, mdm))
+    if prompts_differ:
+        differences.append(f"prompt: the two models are given different prompts on {prompts_differ} of "
+                           f"{len(arm)} questions (the ARM a question whose answer comes last)")
+    right_context = sum(len(m.clean) > m.answer_positions[-1] + 1 for m in mdm)
+    if right_context:
+        differences.append(f"right-hand context: the MDM sees tokens after the answer on {right_context} of "
+                           f"{len(mdm)} questions; the ARM cannot read them")
+    longer = sum(len(a.answer_positions) > 1 for a in arm)
+    if longer:
+        differences.append(f"multi-token answers ({longer} of {len(arm)} questions): the ARM is teacher-forced "
+                           f"(it sees its own earlier answer tokens); the MDM, read in one step, sees every "
+                           f"answer position masked")
+    return differences
 
 
 def _reposed(example: Example, mask: int, own_mask: int) -> Example:
@@ -259,6 +312,78 @@ def structure_stage(store: RunDirectory, task: str, graph: Graph, names: list[st
     return result
 
 
+# ---- faithfulness ----
+
+
+def faithfulness_ks(graph: Graph, ks: list[int]) -> list[int]:
+    """The circuit sizes of the faithfulness curves: the overlap sweep's and a geometric grid of 12 from 10 edges
+    to all of them, so that the smallest faithful K is read on a grid no coarser than a factor of about 1.6."""
+    grid = np.unique(np.geomspace(min(10, graph.n_edges), graph.n_edges, 12).astype(int))
+    return sorted(set(ks) | set(grid.tolist()))
+
+
+def faithfulness_stage(store: RunDirectory, lineup: Lineup, drawn: dict, task: str, graph: Graph, names: list[str],
+                       rows: list[np.ndarray], found: dict, settings: Settings, reporter: Reporter) -> dict:
+    """Every compared model's top-K circuits over K (with a random circuit of each size beside them), each
+    model's headline circuit run inside every other model (cross-faithfulness), and the smallest K at which each
+    model's circuit reaches `settings.tau`, with the overlap of those matched circuits; intervals over questions
+    resample with the task's own weights."""
+    done = store.load(f"faithfulness-{task}")
+    if done is not None:
+        return done
+    members = lineup.compared
+    means = {name: r.mean(0) for name, r in zip(names, rows)}
+    ks, headline = faithfulness_ks(graph, found["ks"]), found["headline_k"]
+    random = faithfulness.random_circuits(graph, ks, 1, structure.task_seed(settings.seed, task))
+    cross = faithfulness.cross_circuits(graph, [means[m.name] for m in members], headline)
+    circuits = {m.name: np.concatenate([faithfulness.cross_circuits(graph, [means[m.name]] * len(ks), ks), random,
+                                        cross]) for m in members}
+    examples = posed(lineup, drawn, settings, protocol="single", members=members)
+    metric = TASKS[task].METRIC
+    reporter.begin(f"{task}: faithfulness and cross-faithfulness of the circuits", len(members))
+
+    def evaluations(models, names):
+        batches = [collate(examples[name].examples) for name in names]
+        result = evaluate(models, batches if len(names) > 1 else batches[0], [circuits[n] for n in names]
+                          if len(names) > 1 else circuits[names[0]], metric, batch_size=settings.batch_size,
+                          per_example=True, mesh=lineup.mesh)
+        reporter.update(len(names))
+        return result
+
+    measured = dict(zip([m.name for m in members], _run(members, settings, evaluations)))
+    weights = structure.bootstrap_weights(len(drawn["arm"]), settings.bootstrap, structure.task_seed(settings.seed,
+                                                                                                     task))
+    result = {"ks": ks, "headline_k": headline, "tau": settings.tau, "models": {}}
+    n_ks = len(ks)
+    for name, evaluated in measured.items():
+        bands = faithfulness.interval(evaluated.circuit_rows, evaluated.clean_rows, evaluated.ablated_rows, weights,
+                                      metric.higher_is_better)
+        parts = {"curve": slice(0, n_ks), "random": slice(n_ks, 2 * n_ks), "cross": slice(2 * n_ks, None)}
+        own, chance, inside = (_part(bands, part) for part in parts.values())
+        result["models"][name] = {
+            "defined": bool(evaluated.defined), "clean_metric": evaluated.clean_metric,
+            "ablated_metric": evaluated.ablated_metric, "curve": own, "random": chance,
+            # circuits[a] run in this model: F_this(circuit of a), its own at a = this model
+            "circuits_of": {m.name: {key: inside[key][index] for key in ("point", "low", "high")}
+                            for index, m in enumerate(members)},
+            "smallest_faithful_k": faithfulness.smallest_k(ks, np.nan_to_num(bands.point[:n_ks], nan=-np.inf),
+                                                           settings.tau)}
+    matched = {}
+    for a, b in itertools.combinations([m.name for m in members], 2):
+        k_a, k_b = (result["models"][n]["smallest_faithful_k"] for n in (a, b))
+        matched[f"{a} vs {b}"] = None if None in (k_a, k_b) else {
+            "k": [k_a, k_b], "overlap": structure.jaccard(structure.top_k_set(means[a], k_a),
+                                                          structure.top_k_set(means[b], k_b))}
+    result["matched"] = matched
+    store.save(f"faithfulness-{task}", result)
+    return result
+
+
+def _part(bands: faithfulness.Interval, part: slice) -> dict:
+    values = dataclasses.replace(bands, point=bands.point[part], low=bands.low[part], high=bands.high[part])
+    return values.as_dict()
+
+
 # ---- semantics ----
 
 
@@ -343,18 +468,27 @@ def causal_stage(store: RunDirectory, lineup: Lineup, drawn: dict, task: str, gr
     result = {"size": settings.causal_size, "early_layers": causal.early_layer_count(graph.n_layers),
               "shared": [graph.sources[row].name for row in np.nonzero(shared)[0]], "models": {}}
     for name, effect in measured.items():
-        retained = effect.retained
+        # The share kept is a ratio over the clean − corrupted gap: undefined (None) where that gap is not real.
+        retained = normalised(effect.metric, effect.clean_metric, effect.corrupted_metric, metric.higher_is_better)
         result["models"][name] = {
             "important": [graph.sources[row].name for row in np.nonzero(important[name])[0]],
-            "retained": float(retained[0]),
-            "retained_without_shared": float(retained[1]) if (important[name] & ~shared).any() else None,
+            "retained": _defined(retained[0]),
+            "retained_without_shared": _defined(retained[1]) if (important[name] & ~shared).any() else None,
             "random": _spread(retained[2: 2 + draws]), "middle_late": _spread(retained[2 + draws:]),
-            "clean_metric": effect.clean_metric, "corrupted_metric": effect.corrupted_metric}
+            "clean_metric": effect.clean_metric, "corrupted_metric": effect.corrupted_metric,
+            "defined": bool(np.isfinite(retained[0]))}
     store.save(f"causal-{task}", result)
     return result
 
 
+def _defined(value) -> float | None:
+    """A float, or None (JSON null) where the value is undefined (NaN)."""
+    return float(value) if np.isfinite(value) else None
+
+
 def _spread(values: np.ndarray) -> dict:
+    if not np.isfinite(values).all():
+        return {"mean": None, "min": None, "max": None, "values": [None] * len(values)}
     return {"mean": float(values.mean()), "min": float(values.min()), "max": float(values.max()),
             "values": values.tolist()}
 
@@ -369,7 +503,7 @@ def robustness_stage(store: RunDirectory, lineup: Lineup, drawn: dict, task: str
         return done
     headline = structure.headline_k(graph)
     arm, mdm = rows[names.index("ARM")], rows[names.index("MDM")]
-    order = np.random.default_rng(settings.seed).permutation(len(arm))
+    order = np.random.default_rng(structure.task_seed(settings.seed, task)).permutation(len(arm))
     halves = np.array_split(order, 2)
     result = {"halves": [float(structure.jaccard_curve(arm[h].mean(0), mdm[h].mean(0), [headline])[0])
                          for h in halves], "protocols": None}
@@ -382,15 +516,53 @@ def robustness_stage(store: RunDirectory, lineup: Lineup, drawn: dict, task: str
             member = lineup["MDM"]
             examples = posed(lineup, drawn, multi, members=[member])
             stepwise = _rows(lineup, examples, multi, task, reporter, [member])[0][0]
-
-            def overlaps(means):
-                return [structure.jaccard_curve(means[0], means[1], [headline])[0],
-                        structure.jaccard_curve(means[2], means[1], [headline])[0]]
-
-            replicates = structure.bootstrap(overlaps, [mdm, stepwise, arm], settings.bootstrap, settings.seed)
-            point = overlaps([mdm.mean(0), stepwise.mean(0), arm.mean(0)])
-            protocols[reveal] = {"mdm_single_vs_stepwise": _interval(point[0], replicates[:, 0]),
-                                 "arm_vs_mdm_stepwise": _interval(point[1], replicates[:, 1])}
+            single, matched = _overlaps([(mdm, stepwise), (arm, stepwise)], headline, settings, task)
+            protocols[reveal] = {"mdm_single_vs_stepwise": single, "arm_vs_mdm_stepwise": matched}
         result["protocols"] = protocols
+    result["arm_prompt"] = _arm_prompt_row(lineup, drawn, task, graph, names, rows, settings, reporter)
     store.save(f"robustness-{task}", result)
     return result
+
+
+def _overlaps(pairs: list[tuple[np.ndarray, np.ndarray]], k: int, settings: Settings, task: str) -> list[dict]:
+    """The top-K overlap of each pair of per-question rows (the same questions), with the calibrated interval
+    of `structure.overlap_interval`, from the task's own resamples."""
+    seed = structure.task_seed(settings.seed, task)
+    weights = structure.bootstrap_weights(len(pairs[0][0]), settings.bootstrap, seed)
+    halved = structure.halved_weights(weights, seed)
+    result = []
+    for a, b in pairs:
+        point = structure.jaccard_curve(a.mean(0), b.mean(0), [k])[0]
+        replicates, smaller = (np.array([structure.jaccard_curve(m[0], m[1], [k])[0]
+                                         for m in structure.resampled_means([a, b], w)]) for w in (weights, halved))
+        low, high = structure.extrapolated_interval(replicates, smaller)
+        result.append({"point": float(point), "low": float(low), "high": float(high)})
+    return result
+
+
+def arm_prompt_for_mdm(arm: Example, mask: int) -> Example:
+    """The ARM's prompt posed to an MDM: the ARM view's tokens before the answer, then the mask token at every
+    answer position (and nothing after it), the same answers and candidates: one question in one form for both."""
+    start, length = arm.answer_positions[0], len(arm.answer_positions)
+    return dataclasses.replace(arm, clean=list(arm.clean[:start]) + [mask] * length,
+                               corrupted=list(arm.corrupted[:start]) + [mask] * length)
+
+
+def _arm_prompt_row(lineup: Lineup, drawn: dict, task: str, graph: Graph, names: list[str], rows: list[np.ndarray],
+                    settings: Settings, reporter: Reporter) -> dict | None:
+    """Where the two models are given different prompts (infilling), the MDM attributed on the ARM's prompt:
+    the view-matched overlap with the ARM, with its accuracy on that prompt. None where the prompts agree."""
+    arm_view = [Example(**e) for e in drawn["arm"]]
+    mdm_view = [Example(**e) for e in drawn["mdm"]]
+    if all(a.clean[: a.answer_positions[0]] == m.clean[: m.answer_positions[0]] for a, m in zip(arm_view, mdm_view)):
+        return None
+    member = lineup["MDM"]
+    reporter.begin(f"{task}: the MDM asked the ARM's prompt")
+    questions = [arm_prompt_for_mdm(e, member.model.config.mask_token_id) for e in arm_view]
+    examples = {member.name: Posed(questions, np.arange(len(questions)))}
+    matched = _rows(lineup, examples, settings, task, reporter, [member])[0][0]
+    arm, mdm = rows[names.index("ARM")], rows[names.index("MDM")]
+    headline = structure.headline_k(graph)
+    intervals = _overlaps([(arm, matched), (mdm, matched)], headline, settings, task)
+    return {"solved": float(solved(member.model, questions).mean()),
+            "arm_vs_mdm": intervals[0], "mdm_native_vs_arm_prompt": intervals[1]}

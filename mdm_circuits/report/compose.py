@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from mdm_circuits.analysis import structure
+from mdm_circuits.analysis import structure, validity
 from mdm_circuits.circuits.graph import Graph
 from mdm_circuits.report import figures
 from mdm_circuits.report.document import Bullets, Figure, Heading, Paragraph, Table, markdown, to_html
@@ -64,6 +64,18 @@ def _figure(save: Save, name: str, png: bytes, caption: str) -> Figure:
     return Figure(f"figures/{name}.png", png, caption)
 
 
+def _in_distribution(drawn: dict, name: str) -> str:
+    """The share of the pooled questions a model solves, flagged where it is below `validity.IN_DISTRIBUTION`."""
+    share = drawn["solved_in_pool"][name]
+    return f"{share:.3f}" + ("" if share >= validity.IN_DISTRIBUTION else " (out of distribution)")
+
+
+def _ratio(value: float | None, spec: str = ".3f") -> str:
+    """A ratio over a task's clean − corrupted gap, or "undefined" where that gap is below its floor
+    (`circuits.normalised`)."""
+    return "undefined" if value is None else format(value, spec)
+
+
 def _signed(value: dict) -> str:
     return f"{value['point']:+.3f} [{value['low']:+.3f}, {value['high']:+.3f}]"
 
@@ -81,7 +93,8 @@ def contrasts(result: dict, contrasts: list[tuple[str, str]]) -> dict:
             **found["differences"][f"{a} vs {b}"],
             "shared_top_5_components": len(top[0] & top[1]),
             "neuron_top_10_share": meaning[b]["neuron_top_10_share"] - meaning[a]["neuron_top_10_share"],
-            "kept_after_zeroing": checked[b]["retained"] - checked[a]["retained"],
+            "kept_after_zeroing": None if None in (checked[a]["retained"], checked[b]["retained"])
+            else checked[b]["retained"] - checked[a]["retained"],
         }
     return measures
 
@@ -95,7 +108,8 @@ CONTRAST_ROWS = (
     ("top-3 share, second − first", lambda m: _signed(m["top_3_share"])),
     ("top-5 components in common", lambda m: f"{m['shared_top_5_components']} of 5"),
     ("neuron top-10 share, second − first", lambda m: f"{m['neuron_top_10_share']:+.3f}"),
-    ("kept after zeroing important early components, second − first", lambda m: f"{m['kept_after_zeroing']:+.3f}"),
+    ("kept after zeroing important early components, second − first",
+     lambda m: _ratio(m["kept_after_zeroing"], "+.3f")),
 )
 
 
@@ -103,6 +117,7 @@ def _task_summary(task: str, result: dict) -> dict:
     found, drawn, scored = result["structure"], result["pool"], result["scores"]
     column = found["ks"].index(found["headline_k"])
     names = scored["members"]
+    faithful_column = result["faithfulness"]["ks"].index(result["faithfulness"]["headline_k"])
     return {
         "questions": len(drawn["arm"]), "drawn": drawn["drawn"], "accuracy": drawn["accuracy"],
         "pool_accuracy": drawn["pool_accuracy"],
@@ -120,6 +135,15 @@ def _task_summary(task: str, result: dict) -> dict:
                    for name, value in result["causal"]["models"].items()},
         "robustness": result["robustness"],
         "contrasts": result["contrasts"],
+        "contrast_fails_for": failed_models(drawn),
+        "validity": drawn["validity"], "solved_in_pool": drawn["solved_in_pool"],
+        "faithfulness": {name: {"headline": {key: value["curve"][key][faithful_column]
+                                             for key in ("point", "low", "high")},
+                                "random_headline": value["random"]["point"][faithful_column],
+                                "smallest_faithful_k": value["smallest_faithful_k"],
+                                "circuits_of": value["circuits_of"]}
+                         for name, value in result["faithfulness"]["models"].items()},
+        "matched_faithfulness": result["faithfulness"]["matched"],
     }
 
 
@@ -148,7 +172,71 @@ def _protocol(settings: dict, models: Models, graph: Graph, results: dict) -> li
         rows.append((f"pool: {task}", f"{len(drawn['arm'])} questions both solve, of {drawn['drawn']} drawn "
                                       f"(ARM {drawn['pool_accuracy']['ARM']:.3f}, MDM "
                                       f"{drawn['pool_accuracy']['MDM']:.3f} of the drawn)"))
+    for task, result in results.items():
+        rows.append((f"views: {task}", "; ".join(result["pool"]["views"])))
     return [Heading("Protocol"), Table(("setting", "value"), tuple(rows))]
+
+
+def _median(value: dict) -> str:
+    bound = [("−∞" if value[key] is None else f"{value[key]:+.3f}") for key in ("median_low", "median_high")]
+    return f"{value['median_gap']:+.3f} [{bound[0]}, {bound[1]}]"
+
+
+def _validity_blocks(task: str, drawn: dict) -> list:
+    checked = drawn["validity"]
+    failed = failed_models(drawn)
+    blocks = []
+    if failed:
+        blocks.append(Paragraph(
+            f"**Warning: the contrast fails for {' and '.join(failed)} on {task}** (fewer than "
+            f"{validity.MIN_SHARE_POSITIVE:.0%} of the pooled questions score higher clean than corrupted, or the "
+            f"median gap's interval reaches 0). The corrupted prompt does not take away what the clean one asks, so "
+            f"there is no effect to attribute: this task's measures below are shown for completeness only, and no "
+            f"finding reads them."))
+    blocks.append(Paragraph(
+        f"Validity of the contrast: for each model, the share of the {len(drawn['arm'])} pooled questions whose "
+        f"clean − corrupted metric gap is positive, and the median gap with its exact 95% interval. The pool keeps "
+        f"every common-correct question; the last column counts those a keep-only-positive-gap rule would remove."))
+    blocks.append(Table(("model", "gap > 0", "median gap [95%]", "clean mean", "corrupted mean", "gap ≤ 0",
+                         "contrast"), tuple(
+        (name, f"{v['share_positive']:.3f}", _median(v), f"{v['clean_mean']:.3f}", f"{v['corrupted_mean']:.3f}",
+         str(v["non_positive"]), "fails" if v["fails"] else "works") for name, v in checked.items())))
+    return blocks
+
+
+def _faithfulness_blocks(save: Save, task: str, result: dict, models: Models) -> list:
+    faithful = result["faithfulness"]
+    compared = list(faithful["models"])
+    column = faithful["ks"].index(faithful["headline_k"])
+    k = faithful["headline_k"]
+
+    def cell(value: dict, index: int | None = None) -> str:
+        point, low, high = (value[key] if index is None else value[key][index] for key in ("point", "low", "high"))
+        return "undefined" if point is None else f"{point:.3f} [{low:.3f}, {high:.3f}]"
+
+    blocks = [_figure(save, f"{task}_faithfulness", figures.faithfulness(task, faithful, compared),
+                      f"{task}: faithfulness of each model's top-K circuit against K, 95% intervals over questions; "
+                      f"dotted: a random circuit of the same size")]
+    blocks.append(Table(
+        ("model", f"faithfulness at K = {k} [95%]", f"random circuit at K = {k}",
+         f"smallest K reaching tau = {faithful['tau']}"),
+        tuple((name, cell(v["curve"], column), cell(v["random"], column),
+               "never" if v["smallest_faithful_k"] is None else str(v["smallest_faithful_k"]))
+              for name, v in faithful["models"].items())))
+    blocks.append(Paragraph(
+        f"Cross-faithfulness at K = {k}: the circuit of the row's model run inside the column's model, normalised "
+        f"by the column model's own clean and corrupted runs (the diagonal is each model's own circuit)."))
+    blocks.append(Table(("circuit of \\ run in", *compared), tuple(
+        (a, *(cell(faithful["models"][b]["circuits_of"][a]) for b in compared)) for a in compared)))
+    matched = [(pair, value) for pair, value in faithful["matched"].items()
+               if tuple(pair.split(" vs ")) in {tuple(c) for c in models.contrasts}]
+    if matched:
+        blocks.append(Paragraph(f"At matched faithfulness: each model's smallest K whose circuit reaches tau = "
+                                f"{faithful['tau']} (of the swept K), and the overlap of those two circuits."))
+        blocks.append(Table(("pair", "K of each", "overlap"), tuple(
+            (pair, "—" if v is None else f"{v['k'][0]} / {v['k'][1]}",
+             "a circuit never reaches tau" if v is None else f"{v['overlap']:.3f}") for pair, v in matched)))
+    return blocks
 
 
 def _task_blocks(save: Save, task: str, result: dict, models: Models) -> list:
@@ -156,8 +244,10 @@ def _task_blocks(save: Save, task: str, result: dict, models: Models) -> list:
     names = scored["members"]
     column = found["ks"].index(found["headline_k"])
     blocks = [Heading(task, 2)]
-    blocks.append(Table(("model", "accuracy (sample)", f"clean {TASKS[task].METRIC.name}", "corrupted"), tuple(
-        (name, f"{drawn['accuracy'][name]:.3f}", f"{clean:.3f}", f"{corrupted:.3f}")
+    blocks += _validity_blocks(task, drawn)
+    blocks.append(Table(("model", "accuracy (sample)", "solved of the pool", f"clean {TASKS[task].METRIC.name}",
+                         "corrupted"), tuple(
+        (name, f"{drawn['accuracy'][name]:.3f}", _in_distribution(drawn, name), f"{clean:.3f}", f"{corrupted:.3f}")
         for name, clean, corrupted in zip(names, scored["clean_metric"], scored["corrupted_metric"]))))
     blocks.append(_figure(save, f"{task}_overlap", figures.overlaps(task, found, models.contrasts),
                           f"{task}: Jaccard overlap of top-K edge sets against K, 95% intervals; grey: chance; "
@@ -190,6 +280,7 @@ def _task_blocks(save: Save, task: str, result: dict, models: Models) -> list:
                                _ci(found["specialisation"][n]["gini"]), _ci(found["specialisation"][n]["top_3_share"]),
                                ", ".join(f"{c} {s:.2f}" for c, s in found["top_components"][n][:5]))
                               for n in names)))
+    blocks += _faithfulness_blocks(save, task, result, models)
     meaning = result["semantics"]
     blocks.append(_figure(save, f"{task}_logit_lens", figures.logit_lens(task, meaning),
                           f"{task}: direct contribution of the top components to the correct − incorrect logit"))
@@ -211,9 +302,9 @@ def _task_blocks(save: Save, task: str, result: dict, models: Models) -> list:
     blocks.append(_figure(save, f"{task}_ablation", figures.ablations(task, checked),
                           f"{task}: share of the task kept after zeroing components (controls: mean, min-max)"))
     blocks.append(Table(("model", "zeroed", "kept", "without shared", "random (mean)", "middle/late (mean)"), tuple(
-        (name, ", ".join(v["important"]), f"{v['retained']:.3f}",
-         "—" if v["retained_without_shared"] is None else f"{v['retained_without_shared']:.3f}",
-         f"{v['random']['mean']:.3f}", f"{v['middle_late']['mean']:.3f}")
+        (name, ", ".join(v["important"]), _ratio(v["retained"]),
+         "—" if v["retained_without_shared"] is None and v["defined"] else _ratio(v["retained_without_shared"]),
+         _ratio(v["random"]["mean"]), _ratio(v["middle_late"]["mean"]))
         for name, v in checked["models"].items())))
     if checked["shared"]:
         blocks.append(Paragraph(f"Shared by the ARM's and the MDM's important sets: {', '.join(checked['shared'])}; "
@@ -225,6 +316,11 @@ def _task_blocks(save: Save, task: str, result: dict, models: Models) -> list:
         for order, value in robust["protocols"].items():
             lines.append(f"MDM queried step by step ({order}): overlap with its single-step circuit "
                          f"{_ci(value['mdm_single_vs_stepwise'])}; with the ARM {_ci(value['arm_vs_mdm_stepwise'])}.")
+    matched = robust["arm_prompt"]
+    if matched:
+        lines.append(f"View-matched: the MDM asked the ARM's prompt (it solves {matched['solved']:.3f} of the pool "
+                     f"that way): overlap with the ARM {_ci(matched['arm_vs_mdm'])}; with its own circuit on its "
+                     f"native prompt {_ci(matched['mdm_native_vs_arm_prompt'])}.")
     blocks += [Paragraph("Robustness:"), Bullets(tuple(lines))]
     return blocks
 
@@ -255,6 +351,11 @@ def write(save: Save, models: Models, graph: Graph, results: dict, verdicts: lis
         f"it, found with EAP-IG on {', '.join(results)} and compared by structure (edge overlap, component "
         f"importance, layers), semantics (logit lens, neurons) and causal checks, with controls: "
         f"{', '.join(n for n in models.names if n not in ('ARM', 'MDM')) or 'none'}.")]
+    failed = {task: failed_models(r["pool"]) for task, r in results.items() if failed_models(r["pool"])}
+    summary["contrast_fails"] = failed
+    if failed:
+        blocks.append(Paragraph("**Tasks whose contrast fails** (shown under a warning, read by no finding): " + "; ".join(
+            f"{task} for {' and '.join(names)}" for task, names in failed.items()) + "."))
     blocks += [Heading("Findings"), Paragraph(
         "Each of the paper's three findings is judged by a rule fixed before the run (see "
         "`mdm_circuits.comparison.findings`): supported, contradicted, or this run cannot tell.")]
@@ -288,3 +389,9 @@ def write(save: Save, models: Models, graph: Graph, results: dict, verdicts: lis
     save("report.html", to_html(blocks, "ARM vs MDM circuits"))
     save("summary.json", json.dumps(summary, indent=1) + "\n")
     return summary
+
+
+def failed_models(drawn: dict) -> list[str]:
+    """The ARM and the MDM where a task's contrast fails for them (`analysis.validity`): such a task is shown
+    under a warning, and no finding reads it."""
+    return [name for name in ("ARM", "MDM") if drawn["validity"][name]["fails"]]

@@ -111,6 +111,8 @@ def ablations(task: str, found: dict) -> bytes:
     labels = ["important early", "without shared", "random (same count)", "middle/late (same count)"]
     figure, axis = plt.subplots(figsize=(7.5, 3.8))
     width = 0.8 / len(models)
+    undefined = [name for name in models if not found["models"][name]["defined"]]
+    models = [name for name in models if name not in undefined]  # no bar for a ratio without a denominator
     for index, name in enumerate(models):
         result = found["models"][name]
         unshared = result["retained_without_shared"]
@@ -126,7 +128,10 @@ def ablations(task: str, found: dict) -> bytes:
     axis.axhline(0.0, color="#666666", linewidth=0.8)
     axis.set_xticks(np.arange(4), labels, fontsize=8)
     axis.set_ylabel("share of the task kept")
-    axis.set_title(f"{task}: zeroing {found['size']} components (early = first {found['early_layers']} layer(s))")
+    title = f"{task}: zeroing {found['size']} components (early = first {found['early_layers']} layer(s))"
+    if undefined:
+        title += f"\nundefined (no clean − corrupted gap): {', '.join(undefined)}"
+    axis.set_title(title, fontsize=9 if undefined else None)
     axis.legend(fontsize=7)
     return _png(figure)
 
@@ -180,4 +185,34 @@ def trajectory(structures: dict, accuracy: dict, steps: list[tuple[str, int]], e
         axis.legend(fontsize=6)
     axes[0].set_ylim(0, 1.02)
     axes[2].set_ylim(0, 1.02)
+    return _png(figure)
+
+
+def _undefined_as_nan(values) -> np.ndarray:
+    return np.array([np.nan if v is None else v for v in values], np.float64)
+
+
+def faithfulness(task: str, found: dict, names: list[str]) -> bytes:
+    """Each model's top-K faithfulness against K with its 95% band, a random circuit of every size (dotted) and
+    tau; undefined points (no clean − corrupted gap) are left out."""
+    ks = np.asarray(found["ks"])
+    figure, axis = plt.subplots(figsize=(7.5, 4.2))
+    for name in names:
+        measured = found["models"][name]
+        if not measured["defined"]:
+            continue
+        curve = measured["curve"]
+        axis.fill_between(ks, _undefined_as_nan(curve["low"]), _undefined_as_nan(curve["high"]),
+                          color=colour(name, names), alpha=0.12)
+        axis.plot(ks, _undefined_as_nan(curve["point"]), "o-", color=colour(name, names), markersize=3,
+                  linewidth=1.2, label=name)
+        axis.plot(ks, _undefined_as_nan(measured["random"]["point"]), ":", color=colour(name, names), linewidth=1)
+    axis.axhline(found["tau"], color="#666666", linewidth=0.8, linestyle="--", label=f"tau = {found['tau']}")
+    axis.axhline(0.0, color="#999999", linewidth=0.6)
+    axis.axvline(found["headline_k"], color="#666666", linewidth=0.8, linestyle="-.")
+    axis.set_xscale("log")
+    axis.set_xlabel("K (top edges by |score|)")
+    axis.set_ylabel("faithfulness")
+    axis.set_title(f"{task}: faithfulness of the top-K circuit (dotted: a random circuit of each size)")
+    axis.legend(fontsize=7, loc="lower right")
     return _png(figure)

@@ -6,6 +6,9 @@ The metric is the logit difference, answer minus counterfactual.
 - ARM view: the same sentence as a fill-in-the-blank question whose answer restates its start, "Fill in
   the blank: The ___ barked at the mailman.\nThe" → " dog", so the deciding context lies to the left of
   the answer.
+`form="question"` poses the MDM the ARM's question too, its answer position masked at the end and nothing
+after it, so both models can take one prompt (a view-matched comparison); the default, "native", poses each
+view its own form above. An ARM takes the question in either form.
 
 A frame holds several (word, decider) choices; any two make a pair. Choices whose answer is not a single
 token are left out for the tokenizer at hand, and only choices whose deciders have equal token counts are
@@ -18,6 +21,7 @@ import collections
 import dataclasses
 import functools
 import random
+from typing import Literal, get_args
 
 import tokenizers
 
@@ -34,6 +38,9 @@ METRIC = logit_difference
 
 BLANK = "___"
 ARM_QUESTION = "Fill in the blank:"
+
+Form = Literal["native", "question"]
+FORMS = get_args(Form)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,21 +138,24 @@ def usable_frames(tokenizer: tokenizers.Tokenizer) -> list[Frame]:
     return usable
 
 
-def _pose(tokenizer, view, sentence, answer_token, decider):
+def _pose(tokenizer, view, form, sentence, answer_token, decider):
     before, after = sentence.split("{word}")
     after = after.format(decider=decider)
-    if view.is_mdm:
+    if view.is_mdm and form == "native":
         return view.pose(prompt(tokenizer, before.rstrip()), [answer_token], continuation(tokenizer, after))
     question = prompt(tokenizer, ARM_QUESTION + " " + before + BLANK + after + "\n" + before.rstrip())
     return view.pose(question, [answer_token])
 
 
 def examples(tokenizer: tokenizers.Tokenizer, n: int, *, seed: int = 0, view: View = View(),
-             max_length: int | None = None, split: Split | str = Split.ALL) -> list[Example]:
-    """`n` infilling pairs, reproducible for a seed (the same pairs in either view): a frame and a choice
-    (the clean question), then another choice of the frame (the corrupted one). `split`: "test" for the
-    clean sentences `held_out_cells` names, "train" for the others, or "all"."""
+             max_length: int | None = None, split: Split | str = Split.ALL, form: Form = "native") -> list[Example]:
+    """`n` infilling pairs, reproducible for a seed (the same pairs in either view and form): a frame and a
+    choice (the clean question), then another choice of the frame (the corrupted one). `split`: "test" for
+    the clean sentences `held_out_cells` names, "train" for the others, or "all". `form`: "native" (each
+    view's own prompt) or "question" (the fill-in-the-blank question for an MDM too; see the module doc)."""
     split = as_split(split)
+    if form not in FORMS:
+        raise BatchError(f"unknown infilling form {form!r}; the forms are {', '.join(FORMS)}")
     frames = usable_frames(tokenizer)
     if not frames:
         raise BatchError("no infilling frame has two single-token answers whose deciding words have the same "
@@ -161,8 +171,8 @@ def examples(tokenizer: tokenizers.Tokenizer, n: int, *, seed: int = 0, view: Vi
         frame, (word, decider) = rng.choice(cells)
         other, other_decider = rng.choice([choice for choice in frame.choices if choice[0] != word])
         answer, counterfactual = continuation(tokenizer, " " + word)[0], continuation(tokenizer, " " + other)[0]
-        clean, positions = _pose(tokenizer, view, frame.sentence, answer, decider)
-        corrupted, _ = _pose(tokenizer, view, frame.sentence, answer, other_decider)
+        clean, positions = _pose(tokenizer, view, form, frame.sentence, answer, decider)
+        corrupted, _ = _pose(tokenizer, view, form, frame.sentence, answer, other_decider)
         return Example(clean, corrupted, positions, [[answer]], [[counterfactual]], METRIC.name)
 
     return draw(n, attempt, what="infilling prompts", max_length=max_length)
