@@ -1,12 +1,13 @@
 """The paper's three findings, each judged by a rule fixed before any run (never tuned to an outcome).
 
-All use the headline K and 95% bootstrap intervals (resampling each task's questions; two tasks' intervals are
-combined replicate by replicate, their pools being independent).
+All use the headline K and 95% bootstrap intervals (resampling each task's questions with its own weights; two
+tasks' intervals are combined replicate by replicate, their resamples being independent). Overlaps and their
+differences take the calibrated intervals of `structure.extrapolated_interval` / `extrapolated_difference`.
 
 1. On IOI the MDM largely keeps the ARM's circuit. Supported when the ARM-MDM overlap's interval lies above the
-   chance null (its 97.5th percentile) and the overlap is at least half the split-half ceiling (the mean
-   overlap of two disjoint halves of one model's pool, ARM and MDM averaged); contradicted when the interval
-   lies below half that ceiling.
+   chance null (its 97.5th percentile) and the overlap is at least half the noise ceiling (the mean of the
+   full-size paired label-swap null: the overlap sampling noise leaves between two models with one circuit);
+   contradicted when the interval lies below half that ceiling.
 2. On Countdown the MDM abandons inherited pathways, with more processing in early layers. Supported when the
    ARM-MDM overlap is lower on Countdown than on IOI (interval of the difference above 0) and the MDM's layer
    centre of mass on Countdown is below the ARM's (interval of the difference below 0); contradicted when
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mdm_circuits.analysis.structure import interval
+from mdm_circuits.analysis.structure import extrapolated_difference, extrapolated_interval, interval
 
 SUPPORTS, CONTRADICTS, CANNOT_TELL, NOT_MEASURED = "supports", "contradicts", "cannot tell", "not measured"
 STATEMENTS = (
@@ -37,9 +38,24 @@ STATEMENTS = (
 )
 
 
-def _overlap(found: dict, replicates: dict, pair: tuple[str, str] = ("ARM", "MDM")) -> tuple[float, np.ndarray]:
+def _overlap(found: dict, replicates: dict, pair: tuple[str, str] = ("ARM", "MDM")
+             ) -> tuple[float, tuple[np.ndarray, np.ndarray]]:
+    """The headline overlap of a pair and its replicates at full and at half size (for the calibrated
+    intervals of `structure.extrapolated_interval` and `extrapolated_difference`)."""
     index, column = [tuple(p) for p in found["pairs"]].index(pair), found["ks"].index(found["headline_k"])
-    return found["jaccard"]["point"][index][column], replicates["jaccard_headline"][:, index]
+    return found["jaccard"]["point"][index][column], (replicates["jaccard_headline"][:, index],
+                                                      replicates["jaccard_headline_halved"][:, index])
+
+
+def _overlap_ci(values: tuple[np.ndarray, np.ndarray]) -> tuple[float, float]:
+    low, high = extrapolated_interval(*values)
+    return float(low), float(high)
+
+
+def _difference_ci(first: tuple[np.ndarray, np.ndarray], second: tuple[np.ndarray, np.ndarray]
+                   ) -> tuple[float, float]:
+    low, high = extrapolated_difference(*first, *second)
+    return float(low), float(high)
 
 
 def _ci(values: np.ndarray) -> tuple[float, float]:
@@ -56,10 +72,10 @@ def first(structures: dict, replicates: dict) -> dict:
         return {"verdict": NOT_MEASURED, "evidence": "IOI was not run, or its contrast fails"}
     found = structures["ioi"]
     point, values = _overlap(found, replicates["ioi"])
-    low, high = _ci(values)
+    low, high = _overlap_ci(values)
     column = found["ks"].index(found["headline_k"])
     chance = found["null_random"]["high"][column]
-    ceiling = float(np.mean([found["null_split_half"][name]["mean"][column] for name in ("ARM", "MDM")]))
+    ceiling = float(found["null_label_swap"]["ARM vs MDM"]["mean"][column])
     if low > chance and point >= ceiling / 2:
         verdict = SUPPORTS
     elif high < ceiling / 2:
@@ -67,9 +83,10 @@ def first(structures: dict, replicates: dict) -> dict:
     else:
         verdict = CANNOT_TELL
     return {"verdict": verdict, "overlap": point, "interval": [low, high], "chance_97_5": chance,
-            "split_half_ceiling": ceiling,
+            "noise_ceiling": ceiling,
             "evidence": f"IOI ARM-MDM overlap {point:.3f} [{low:.3f}, {high:.3f}] at K = {found['headline_k']}; "
-                        f"chance up to {chance:.3f}; split-half ceiling {ceiling:.3f} (half of it: {ceiling / 2:.3f})"}
+                        f"chance up to {chance:.3f}; noise ceiling (label-swap null) {ceiling:.3f} (half of it: "
+                        f"{ceiling / 2:.3f})"}
 
 
 def second(structures: dict, replicates: dict) -> dict:
@@ -77,7 +94,7 @@ def second(structures: dict, replicates: dict) -> dict:
         return {"verdict": NOT_MEASURED, "evidence": "needs both IOI and Countdown, run with contrasts that work"}
     ioi_point, ioi_values = _overlap(structures["ioi"], replicates["ioi"])
     count_point, count_values = _overlap(structures["countdown"], replicates["countdown"])
-    drop, drop_ci = ioi_point - count_point, _ci(ioi_values - count_values)
+    drop, drop_ci = ioi_point - count_point, _difference_ci(ioi_values, count_values)
     found, values = structures["countdown"], replicates["countdown"]["centre_of_mass"]
     arm, mdm = _model(found, "ARM"), _model(found, "MDM")
     shift = found["centre_of_mass"]["MDM"]["point"] - found["centre_of_mass"]["ARM"]["point"]
@@ -130,7 +147,7 @@ def fourth(structures: dict, replicates: dict, controls: list[tuple[str, str]]) 
         rows[task] = {}
         for pair in controls:
             control_point, control_values = _overlap(found, replicates[task], pair)
-            ci = _ci(values - control_values)
+            ci = _difference_ci(values, control_values)
             rows[task][f"{pair[0]} vs {pair[1]}"] = {"point": point - control_point, "interval": list(ci)}
         below.append(all(row["interval"][1] < 0 for row in rows[task].values()))
         above.append(any(row["interval"][0] > 0 for row in rows[task].values()))

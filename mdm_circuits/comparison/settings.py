@@ -55,7 +55,7 @@ class Settings:
     pool: int = 200
     budget: int = 2000
     split: str = "test"
-    method: str = "eap_ig_inputs"
+    method: str = "eap_ig_activations"
     steps: int = 5
     protocol: Protocol = "single"
     denoising_steps: int | None = None

@@ -265,7 +265,9 @@ def structure_stage(store: RunDirectory, task: str, graph: Graph, names: list[st
 
     reporter.begin(f"{task}: bootstrap of the overlaps, layers and specialisation", settings.bootstrap)
     point = measures(means)
-    weights = structure.bootstrap_weights(len(rows[0]), settings.bootstrap, settings.seed)
+    seed = structure.task_seed(settings.seed, task)  # each task resampled with its own weights
+    weights = structure.bootstrap_weights(len(rows[0]), settings.bootstrap, seed)
+    halved = structure.halved_weights(weights, seed)
     replicates = []
     for index, model_means in enumerate(structure.resampled_means(rows, weights)):
         replicates.append(measures(model_means))
@@ -276,12 +278,29 @@ def structure_stage(store: RunDirectory, task: str, graph: Graph, names: list[st
     com = replicates[:, n_curves: n_curves + n_models]
     special = replicates[:, n_curves + n_models:].reshape(-1, n_models, 3)
     point_curves = point[:n_curves].reshape(len(pairs), len(ks))
-    low, high = structure.interval(curves)
-    reporter.begin(f"{task}: nulls (random edge sets, disjoint half pools)", len(names))
+    # Top-K Jaccard is biased under resampling: the interval is extrapolated from full to half-size resamples
+    # (`structure.extrapolated_interval`, coverage checked in tests/test_calibration.py).
+    halved_curves = np.stack([[structure.jaccard_curve(m[a], m[b], ks) for a, b in pairs]
+                              for m in structure.resampled_means(rows, halved)])
+    low, high = structure.extrapolated_interval(curves, halved_curves)
+    reporter.begin(f"{task}: nulls (random edge sets, label swaps, disjoint half pools)", len(pairs) + len(names))
+    column = ks.index(headline)
+    label_swap, normalised_overlap = {}, {}
+    for index, (a, b) in enumerate(pairs):
+        null = structure.label_swap_null(rows[a], rows[b], ks, settings.null_draws, seed)
+        key = f"{names[a]} vs {names[b]}"
+        label_swap[key] = _summary(null) | {
+            "p_value": structure.permutation_p_value(point_curves[index], null).tolist()}
+        ratio = curves[:, index, column] / structure.resampled_null(rows[a], rows[b], [headline], weights, 1,
+                                                                    seed)[:, 0]
+        ratio_point = point_curves[index, column] / null[:, column].mean()
+        ratio_low, ratio_high = structure.pivot_interval(ratio_point, ratio)
+        normalised_overlap[key] = {"point": float(ratio_point), "low": float(ratio_low), "high": float(ratio_high)}
+        reporter.update(index + 1)
     split_half = {}
     for index, name in enumerate(names):
-        split_half[name] = _summary(structure.split_half_jaccard(rows[index], ks, settings.splits, settings.seed))
-        reporter.update(index + 1)
+        split_half[name] = _summary(structure.split_half_jaccard(rows[index], ks, settings.splits, seed))
+        reporter.update(len(pairs) + index + 1)
     importance = {name: structure.node_importance(graph, m, headline) for name, m in zip(names, means)}
     connected = {name: structure.connected_top_k(graph, m, headline) for name, m in zip(names, means)}
     result = {
@@ -290,7 +309,8 @@ def structure_stage(store: RunDirectory, task: str, graph: Graph, names: list[st
         "jaccard": {"point": point_curves.tolist(), "low": low.tolist(), "high": high.tolist()},
         "jaccard_connected": [structure.jaccard(connected[names[a]], connected[names[b]]) for a, b in pairs],
         "connected_size": {name: int(c.sum()) for name, c in connected.items()},
-        "null_random": _summary(structure.random_jaccard(graph.n_edges, ks, settings.null_draws, settings.seed)),
+        "null_random": _summary(structure.random_jaccard(graph.n_edges, ks, settings.null_draws, seed)),
+        "null_label_swap": label_swap, "normalised_overlap": normalised_overlap,
         "null_split_half": split_half,
         "importance": {name: i.tolist() for name, i in importance.items()},
         "layers": {name: structure.layer_distribution(graph, i).tolist() for name, i in importance.items()},
@@ -308,7 +328,9 @@ def structure_stage(store: RunDirectory, task: str, graph: Graph, names: list[st
     }
     headline_column = ks.index(headline)
     store.save(f"structure-{task}", result, {
-        "jaccard_headline": curves[:, :, headline_column], "centre_of_mass": com, "entropy": special[:, :, 0]})
+        "jaccard_headline": curves[:, :, headline_column],
+        "jaccard_headline_halved": halved_curves[:, :, headline_column],
+        "centre_of_mass": com, "entropy": special[:, :, 0]})
     return result
 
 

@@ -128,6 +128,9 @@ def _task_summary(task: str, result: dict) -> dict:
         "chance_overlap": {key: found["null_random"][key][column] for key in ("mean", "low", "high")},
         "split_half_overlap": {name: {key: band[key][column] for key in ("mean", "low", "high")}
                                for name, band in found["null_split_half"].items()},
+        "noise_ceiling": {pair: {"mean": null["mean"][column], "p_value": null["p_value"][column]}
+                          for pair, null in found["null_label_swap"].items()},
+        "normalised_overlap": found["normalised_overlap"],
         "centre_of_mass": found["centre_of_mass"], "specialisation": found["specialisation"],
         "top_components": {name: found["top_components"][name][:5] for name in ("ARM", "MDM")},
         "causal": {name: {key: value[key] for key in ("important", "retained", "retained_without_shared")}
@@ -256,13 +259,25 @@ def _task_blocks(save: Save, task: str, result: dict, models: Models) -> list:
     for a, b in found["pairs"]:
         value = _headline(found, (a, b))
         if a in ("ARM", "MDM") or b in ("ARM", "MDM"):
-            rows.append((f"{a} vs {b}", _ci(value), f"{value['connected']:.3f}"))
-    blocks.append(Table((f"pair (K = {found['headline_k']})", "overlap [95%]", "connected circuits"), tuple(rows)))
+            null = found["null_label_swap"][f"{a} vs {b}"]
+            rows.append((f"{a} vs {b}", _ci(value), f"{null['mean'][column]:.3f}", f"{null['p_value'][column]:.3f}",
+                         _ci(found["normalised_overlap"][f"{a} vs {b}"]), f"{value['connected']:.3f}"))
+    blocks.append(Table((f"pair (K = {found['headline_k']})", "overlap [95%]", "noise ceiling (label swaps)",
+                         "p (overlap this low)", "overlap / ceiling [95%]", "connected circuits"), tuple(rows)))
+    outside = [f"{a} vs {b}" for a, b in found["pairs"]
+               if not _headline(found, (a, b))["low"] <= _headline(found, (a, b))["point"]
+               <= _headline(found, (a, b))["high"]]
     blocks.append(Paragraph(
         f"Chance overlap at K = {found['headline_k']}: {found['null_random']['mean'][column]:.3f} "
-        f"(95% up to {found['null_random']['high'][column]:.3f}). Two disjoint halves of one pool: ARM "
+        f"(95% up to {found['null_random']['high'][column]:.3f}). The noise ceiling is the mean of the full-size "
+        f"paired label-swap null (each question's two rows swapped at random between the two models, "
+        f"{len(found['null_label_swap'])} pairs): the overlap two models with one circuit would show on these "
+        f"questions; p is the share of swaps whose overlap is as low as the observed one. Overlap intervals are "
+        f"extrapolated to the population (top-K Jaccard is biased under resampling; see `analysis.structure`), so a "
+        f"point may lie outside its interval" + (f" (here: {', '.join(outside)})" if outside else "") + ". Two "
+        f"disjoint halves of one pool (a description at half the pool's size, below the noise ceiling): ARM "
         f"{found['null_split_half']['ARM']['mean'][column]:.3f}, MDM "
-        f"{found['null_split_half']['MDM']['mean'][column]:.3f} (the most overlap sampling noise allows). "
+        f"{found['null_split_half']['MDM']['mean'][column]:.3f}. "
         f"Connected circuits: the top-K edges pruned to paths from the input to the logits "
         f"({', '.join(f'{n} {s}' for n, s in found['connected_size'].items() if n in ('ARM', 'MDM'))} edges)."))
     if len(models.contrasts) > 1:
@@ -354,8 +369,9 @@ def write(save: Save, models: Models, graph: Graph, results: dict, verdicts: lis
     failed = {task: failed_models(r["pool"]) for task, r in results.items() if failed_models(r["pool"])}
     summary["contrast_fails"] = failed
     if failed:
-        blocks.append(Paragraph("**Tasks whose contrast fails** (shown under a warning, read by no finding): " + "; ".join(
-            f"{task} for {' and '.join(names)}" for task, names in failed.items()) + "."))
+        blocks.append(Paragraph("**Tasks whose contrast fails** (shown under a warning, read by no finding): "
+                                + "; ".join(f"{task} for {' and '.join(names)}" for task, names in failed.items())
+                                + "."))
     blocks += [Heading("Findings"), Paragraph(
         "Each of the paper's three findings is judged by a rule fixed before the run (see "
         "`mdm_circuits.comparison.findings`): supported, contradicted, or this run cannot tell.")]
