@@ -81,7 +81,8 @@ def test_the_comparison_writes_the_whole_report(finished):
     assert contrasts["ARM vs MDM"]["overlap"] == overlap
     assert "ARM vs MDM beside the controls" in report and "| edge overlap (Jaccard) |" in report
     controls = summary["findings"][3]
-    assert set(controls["overlap_minus_control"]["ioi"]) == {"ARM vs continued ARM", "MDM vs MDM seed 2"}
+    assert set(controls["overlap_minus_control"]) == {"countdown"}  # IOI's contrast fails here
+    assert set(controls["overlap_minus_control"]["countdown"]) == {"ARM vs continued ARM", "MDM vs MDM seed 2"}
     # The circuits are EAP-IG JSON for this graph; the scores every model's mean edge scores.
     graph = Graph(8, 4, 128)
     scores, circuit = graph.from_json(finished / "circuits" / "ioi_mdm.json")
