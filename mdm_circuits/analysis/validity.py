@@ -138,3 +138,9 @@ def validity(clean, corrupted, higher_is_better: bool = True, confidence: float 
     low, high = median_interval(gap, confidence)
     return Validity(len(gap), float(np.mean(gap > 0)), float(np.median(gap)), low, high, int(np.sum(gap <= 0)),
                     float(clean.mean()), float(corrupted.mean()))
+
+
+def failing(by_model: dict[str, dict], names: tuple[str, ...] = ("ARM", "MDM")) -> list[str]:
+    """Of `names`, the models whose contrast fails, from each model's saved `Validity` fields (with `fails`):
+    a task failing for the ARM or the MDM is shown under a warning, and no finding reads it."""
+    return [name for name in names if by_model[name]["fails"]]

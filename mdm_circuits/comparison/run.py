@@ -15,6 +15,7 @@ from pathlib import Path
 
 from jax.sharding import Mesh
 
+from mdm_circuits.analysis import validity
 from mdm_circuits.circuits.graph import Graph
 from mdm_circuits.comparison import findings, lineup, stages
 from mdm_circuits.comparison.progress import Reporter
@@ -74,7 +75,7 @@ def compare(settings: Settings, directory: str | Path, *, fresh: bool = False, r
         results[task]["contrasts"] = compose.contrasts(results[task], models.contrasts)
     replicates = {task: store.arrays(f"structure-{task}") for task in settings.tasks}
     # A task whose contrast fails for the ARM or the MDM is reported under a warning and read by no finding.
-    valid = {t: r["structure"] for t, r in results.items() if not compose.failed_models(r["pool"])}
+    valid = {t: r["structure"] for t, r in results.items() if not validity.failing(r["pool"]["validity"])}
     verdicts = findings.judge(valid, replicates, models.controls)
     reporter.begin("writing the report")
     mdm = models["MDM"]

@@ -86,11 +86,11 @@ def pool(store: RunDirectory, lineup: Lineup, task: str, settings: Settings, rep
     metric = TASKS[task].METRIC
 
     def contrasts(models, names):
-        result = contrast_metrics(models, [examples[name].examples for name in names] if len(names) > 1
-                                  else examples[names[0]].examples, metric, batch_size=settings.batch_size,
-                                  mesh=lineup.mesh)
+        measured = contrast_metrics(models, [examples[name].examples for name in names] if len(names) > 1
+                                    else examples[names[0]].examples, metric, batch_size=settings.batch_size,
+                                    mesh=lineup.mesh)
         reporter.update(len(names))
-        return result
+        return measured
 
     measured = dict(zip(lineup.names, _run(list(lineup.members), settings, contrasts)))
     result["metrics"] = {name: {"clean": c.clean.tolist(), "corrupted": c.corrupted.tolist()}
@@ -102,7 +102,7 @@ def pool(store: RunDirectory, lineup: Lineup, task: str, settings: Settings, rep
 
 def _validity(contrast, higher_is_better: bool) -> dict:
     checked = validity.validity(contrast.clean, contrast.corrupted, higher_is_better)
-    fields = {key: value if not isinstance(value, float) or np.isfinite(value) else None
+    fields = {key: _defined(value) if isinstance(value, float) else value
               for key, value in dataclasses.asdict(checked).items()}
     return fields | {"fails": checked.fails}
 
@@ -112,8 +112,7 @@ def view_differences(arm: list[Example], mdm: list[Example]) -> list[str]:
     themselves (so a task of your own is described as truly as the shipped ones)."""
     differences = ["attention: the ARM's is causal, the MDM's bidirectional",
                    "answer positions: the MDM's hold its mask token; the ARM reads the answer after its prompt"]
-    prompts_differ = sum(a.clean[: a.answer_positions[0]] != m.clean[: m.answer_positions[0]]
-                         for a, m in zip(arm, mdm))
+    prompts_differ = sum(not _same_prompt(a, m) for a, m in zip(arm, mdm))
     if prompts_differ:
         differences.append(f"prompt: the two models are given different prompts on {prompts_differ} of "
                            f"{len(arm)} questions (the ARM a question whose answer comes last)")
@@ -127,6 +126,11 @@ def view_differences(arm: list[Example], mdm: list[Example]) -> list[str]:
                            f"(it sees its own earlier answer tokens); the MDM, read in one step, sees every "
                            f"answer position masked")
     return differences
+
+
+def _same_prompt(arm: Example, mdm: Example) -> bool:
+    """Whether the ARM's and the MDM's views of one question hold the same tokens before the answer."""
+    return arm.clean[: arm.answer_positions[0]] == mdm.clean[: mdm.answer_positions[0]]
 
 
 def _reposed(example: Example, mask: int, own_mask: int) -> Example:
@@ -265,9 +269,8 @@ def structure_stage(store: RunDirectory, task: str, graph: Graph, names: list[st
 
     reporter.begin(f"{task}: bootstrap of the overlaps, layers and specialisation", settings.bootstrap)
     point = measures(means)
-    seed = structure.task_seed(settings.seed, task)  # each task resampled with its own weights
-    weights = structure.bootstrap_weights(len(rows[0]), settings.bootstrap, seed)
-    halved = structure.halved_weights(weights, seed)
+    seed = structure.task_seed(settings.seed, task)
+    weights, halved = _resamples(len(rows[0]), settings, task)
     replicates = []
     for index, model_means in enumerate(structure.resampled_means(rows, weights)):
         replicates.append(measures(model_means))
@@ -373,8 +376,7 @@ def faithfulness_stage(store: RunDirectory, lineup: Lineup, drawn: dict, task: s
         return result
 
     measured = dict(zip([m.name for m in members], _run(members, settings, evaluations)))
-    weights = structure.bootstrap_weights(len(drawn["arm"]), settings.bootstrap, structure.task_seed(settings.seed,
-                                                                                                     task))
+    weights, _ = _resamples(len(drawn["arm"]), settings, task)
     result = {"ks": ks, "headline_k": headline, "tau": settings.tau, "models": {}}
     n_ks = len(ks)
     for name, evaluated in measured.items():
@@ -546,12 +548,18 @@ def robustness_stage(store: RunDirectory, lineup: Lineup, drawn: dict, task: str
     return result
 
 
+def _resamples(n_questions: int, settings: Settings, task: str) -> tuple[np.ndarray, np.ndarray]:
+    """The task's bootstrap weights `[R, N]` (its own seed, so two tasks resample independently) and their
+    half-size resamples (`structure.halved_weights`), for the calibrated intervals of overlaps."""
+    seed = structure.task_seed(settings.seed, task)
+    weights = structure.bootstrap_weights(n_questions, settings.bootstrap, seed)
+    return weights, structure.halved_weights(weights, seed)
+
+
 def _overlaps(pairs: list[tuple[np.ndarray, np.ndarray]], k: int, settings: Settings, task: str) -> list[dict]:
     """The top-K overlap of each pair of per-question rows (the same questions), with the calibrated interval
-    of `structure.overlap_interval`, from the task's own resamples."""
-    seed = structure.task_seed(settings.seed, task)
-    weights = structure.bootstrap_weights(len(pairs[0][0]), settings.bootstrap, seed)
-    halved = structure.halved_weights(weights, seed)
+    of `structure.extrapolated_interval`, from the task's own resamples."""
+    weights, halved = _resamples(len(pairs[0][0]), settings, task)
     result = []
     for a, b in pairs:
         point = structure.jaccard_curve(a.mean(0), b.mean(0), [k])[0]
@@ -576,7 +584,7 @@ def _arm_prompt_row(lineup: Lineup, drawn: dict, task: str, graph: Graph, names:
     the view-matched overlap with the ARM, with its accuracy on that prompt. None where the prompts agree."""
     arm_view = [Example(**e) for e in drawn["arm"]]
     mdm_view = [Example(**e) for e in drawn["mdm"]]
-    if all(a.clean[: a.answer_positions[0]] == m.clean[: m.answer_positions[0]] for a, m in zip(arm_view, mdm_view)):
+    if all(_same_prompt(a, m) for a, m in zip(arm_view, mdm_view)):
         return None
     member = lineup["MDM"]
     reporter.begin(f"{task}: the MDM asked the ARM's prompt")

@@ -138,7 +138,7 @@ def _task_summary(task: str, result: dict) -> dict:
                    for name, value in result["causal"]["models"].items()},
         "robustness": result["robustness"],
         "contrasts": result["contrasts"],
-        "contrast_fails_for": failed_models(drawn),
+        "contrast_fails_for": validity.failing(drawn["validity"]),
         "validity": drawn["validity"], "solved_in_pool": drawn["solved_in_pool"],
         "faithfulness": {name: {"headline": {key: value["curve"][key][faithful_column]
                                              for key in ("point", "low", "high")},
@@ -187,7 +187,7 @@ def _median(value: dict) -> str:
 
 def _validity_blocks(task: str, drawn: dict) -> list:
     checked = drawn["validity"]
-    failed = failed_models(drawn)
+    failed = validity.failing(checked)
     blocks = []
     if failed:
         blocks.append(Paragraph(
@@ -264,9 +264,8 @@ def _task_blocks(save: Save, task: str, result: dict, models: Models) -> list:
                          _ci(found["normalised_overlap"][f"{a} vs {b}"]), f"{value['connected']:.3f}"))
     blocks.append(Table((f"pair (K = {found['headline_k']})", "overlap [95%]", "noise ceiling (label swaps)",
                          "p (overlap this low)", "overlap / ceiling [95%]", "connected circuits"), tuple(rows)))
-    outside = [f"{a} vs {b}" for a, b in found["pairs"]
-               if not _headline(found, (a, b))["low"] <= _headline(found, (a, b))["point"]
-               <= _headline(found, (a, b))["high"]]
+    headlines = {f"{a} vs {b}": _headline(found, (a, b)) for a, b in found["pairs"]}
+    outside = [pair for pair, value in headlines.items() if not value["low"] <= value["point"] <= value["high"]]
     blocks.append(Paragraph(
         f"Chance overlap at K = {found['headline_k']}: {found['null_random']['mean'][column]:.3f} "
         f"(95% up to {found['null_random']['high'][column]:.3f}). The noise ceiling is the mean of the full-size "
@@ -366,7 +365,8 @@ def write(save: Save, models: Models, graph: Graph, results: dict, verdicts: lis
         f"it, found with EAP-IG on {', '.join(results)} and compared by structure (edge overlap, component "
         f"importance, layers), semantics (logit lens, neurons) and causal checks, with controls: "
         f"{', '.join(n for n in models.names if n not in ('ARM', 'MDM')) or 'none'}.")]
-    failed = {task: failed_models(r["pool"]) for task, r in results.items() if failed_models(r["pool"])}
+    failing = {task: validity.failing(r["pool"]["validity"]) for task, r in results.items()}
+    failed = {task: names for task, names in failing.items() if names}
     summary["contrast_fails"] = failed
     if failed:
         blocks.append(Paragraph("**Tasks whose contrast fails** (shown under a warning, read by no finding): "
@@ -405,9 +405,3 @@ def write(save: Save, models: Models, graph: Graph, results: dict, verdicts: lis
     save("report.html", to_html(blocks, "ARM vs MDM circuits"))
     save("summary.json", json.dumps(summary, indent=1) + "\n")
     return summary
-
-
-def failed_models(drawn: dict) -> list[str]:
-    """The ARM and the MDM where a task's contrast fails for them (`analysis.validity`): such a task is shown
-    under a warning, and no finding reads it."""
-    return [name for name in ("ARM", "MDM") if drawn["validity"][name]["fails"]]
