@@ -38,9 +38,6 @@ from mdm_circuits.tasks.batch import collate
 # EAP-IG on activations (each node group interpolated while the rest runs clean) is measured beside the brief's
 # three step counts of EAP-IG on inputs, at the comparison's 5 steps.
 METHODS = (("eap", 1), ("eap_ig_inputs", 5), ("eap_ig_inputs", 20), ("eap_ig_inputs", 50), ("eap_ig_activations", 5))
-# Edges × examples vmapped per step of the exact sweep: 4 × 8 runs ~2.5× faster on a CPU than the defaults
-# (64 × 32), whose arrays outgrow the caches.
-EDGE_CHUNK, EXACT_BATCH = 4, 8
 
 
 def label(method: str, steps: int) -> str:
@@ -56,7 +53,7 @@ def one_model(model, examples, subsample, metric, ks, k) -> dict:
     """Every row of one model's table: exact patching, then each method on the subsample and on the pool."""
     pool, part = collate(examples), collate([examples[i] for i in subsample])
     start = time.perf_counter()
-    exact = exact_edges(model, part, metric, edge_chunk=EDGE_CHUNK, batch_size=EXACT_BATCH)
+    exact = exact_edges(model, part, metric, edge_chunk=agree.EXACT_EDGE_CHUNK, batch_size=agree.EXACT_BATCH)
     exact_seconds = time.perf_counter() - start
     rows = {("exact", 0, "subsample"): exact}
     start = time.perf_counter()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import types
 
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 
 from mdm_circuits.decoding.accuracy import common_correct_pool, generate_answers, solved
+from mdm_circuits.errors import BatchError
 from mdm_circuits.model.transformer import with_config
 from mdm_circuits.tasks.batch import Example
 from mdm_circuits.tasks.views import View
@@ -86,3 +88,37 @@ def test_mask_token_never_generated(pair):
     examples = successor_task(wrong_every=1_000_000).examples(None, 10, seed=3, view=View(MASK))
     assert all(MASK not in answer for answer in generate_answers(mdm, examples))
     assert not np.any([MASK in e.correct[0] for e in examples])
+
+
+def test_a_length_limit_cuts_both_views_of_a_question_together(pair):
+    """The MDM view one token longer (right-hand context): a question that only its MDM view makes too long is
+    left out of both views, so the two lists stay the same questions in the same order."""
+    arm, mdm = pair
+    successor = successor_task(wrong_every=1_000_000)
+
+    def examples(tokenizer, n, *, seed=0, view=View(), max_length=None):
+        posed = successor.examples(tokenizer, n, seed=seed, view=view)
+        if view.mask_token_id is not None:
+            posed = [dataclasses.replace(e, clean=e.clean + [3], corrupted=e.corrupted + [3]) for e in posed]
+        return [e for e in posed if max_length is None or len(e.clean) <= max_length]
+
+    longer = types.SimpleNamespace(examples=examples, NAME="longer")
+    everything = common_correct_pool(longer, None, arm, mdm, n=200, budget=60, chunk=20)
+    pool = common_correct_pool(longer, None, arm, mdm, n=200, budget=60, chunk=20, max_length=6)
+    assert 0 < len(pool.arm) < len(everything.arm)
+    for arm_example, mdm_example in zip(pool.arm, pool.mdm, strict=True):
+        assert arm_example.correct == mdm_example.correct
+        assert max(len(arm_example.clean), len(mdm_example.clean)) <= 6
+    # the MDM view is the longer one here, so it alone decides which questions fit
+    assert [e.correct for e in pool.arm] == [e.correct for e in everything.mdm if len(e.clean) <= 6]
+
+
+def test_a_task_that_poses_other_questions_in_each_view_is_refused(pair):
+    arm, mdm = pair
+    successor = successor_task(wrong_every=1_000_000)
+
+    def examples(tokenizer, n, *, seed=0, view=View(), max_length=None):
+        return successor.examples(tokenizer, n, seed=seed + (view.mask_token_id is not None), view=view)
+
+    with pytest.raises(BatchError, match="other questions in the ARM view than in the MDM view"):
+        common_correct_pool(types.SimpleNamespace(examples=examples, NAME="shifted"), None, arm, mdm, n=10, budget=20)

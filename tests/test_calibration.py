@@ -160,6 +160,16 @@ def test_the_intervals_of_a_constant_statistic_are_the_point():
         np.testing.assert_allclose(high, 0.4)
 
 
+def test_intervals_stay_in_the_range_of_what_they_bound():
+    """An overlap near 0 whose resamples drift far: its interval is cut at 0, as is a difference's at -1."""
+    rng = np.random.default_rng(0)
+    full, halved = rng.uniform(0.0, 0.05, (200, 1)), rng.uniform(0.2, 0.3, (200, 1))
+    low, high = structure.extrapolated_interval(full, halved)
+    assert low[0] == 0.0 and 0.0 < high[0] <= 1.0
+    low, high = structure.extrapolated_difference(full, halved, 1 - full, 1 - halved)
+    assert low[0] == -1.0 and high[0] <= 1.0
+
+
 def test_halved_resamples_draw_half_of_their_full_resample():
     weights = structure.bootstrap_weights(9, 30, seed=0)
     halved = structure.halved_weights(weights, seed=1)

@@ -23,9 +23,9 @@ from mdm_circuits.model.transformer import with_config
 from mdm_circuits.outputs import RunDirectory
 
 SMALL = dict(tasks=("ioi", "countdown"), pool=8, budget=100, steps=2, bootstrap=20, null_draws=20, splits=4,
-             causal_draws=2)
+             causal_draws=2, exact_questions=2)
 ARGUMENTS = ["--tasks", "ioi,countdown", "--pool", "8", "--budget", "100", "--steps", "2", "--bootstrap", "20",
-             "--null-draws", "20", "--splits", "4", "--causal-draws", "2"]
+             "--null-draws", "20", "--splits", "4", "--causal-draws", "2", "--exact-questions", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def test_the_comparison_writes_the_whole_report(finished):
         assert (finished / name).stat().st_size > 0
     figures = {path.name for path in (finished / "figures").iterdir()}
     assert {"ioi_overlap.png", "ioi_layers.png", "ioi_logit_lens.png", "ioi_ablation.png", "countdown_overlap.png",
-            "specialisation.png", "trajectory.png"} <= figures
+            "ioi_faithfulness.png", "ioi_agreement.png", "specialisation.png", "trajectory.png"} <= figures
     html = (finished / "report.html").read_text()
     assert html.count("data:image/png;base64,") == len(figures)  # self-contained
     report = (finished / "report.md").read_text()
@@ -83,6 +83,36 @@ def test_the_comparison_writes_the_whole_report(finished):
     controls = summary["findings"][3]
     assert set(controls["overlap_minus_control"]) == {"countdown"}  # IOI's contrast fails here
     assert set(controls["overlap_minus_control"]["countdown"]) == {"ARM vs continued ARM", "MDM vs MDM seed 2"}
+    # Attribution held against exact patching of every edge on 2 of the pooled questions, recomputed here from
+    # the saved scores: the method's rows averaged over those questions, and the agreement measures.
+    agreed = ioi["agreement"]
+    assert agreed["edges_patched"] == 1997 and agreed["forwards"] == 1997 * 2 * 2 and len(agreed["questions"]) == 2
+    with np.load(finished / "stages" / "agreement-ioi.npz") as saved, \
+            np.load(finished / "stages" / "scores-ioi.npz") as scored:
+        rows = {name: scored[f"rows_{list(summary['models']).index(name)}"] for name in ("ARM", "MDM")}
+        for name in ("ARM", "MDM"):
+            method, exact = saved[f"method_{name}"], saved[f"exact_{name}"]
+            np.testing.assert_allclose(method, rows[name][agreed["questions"]].mean(0), rtol=1e-6)
+            assert np.isfinite(exact).all() and np.abs(exact).max() > 0
+            rho = np.corrcoef(*(np.argsort(np.argsort(v)) for v in (method, exact)))[0, 1]
+            assert abs(agreed["models"][name]["spearman"] - rho) < 1e-3  # continuous scores: ties are rare
+            top = [set(np.argsort(-np.abs(v), kind="stable")[:200]) for v in (method, exact)]
+            assert agreed["models"][name]["jaccard"] == len(top[0] & top[1]) / len(top[0] | top[1])
+    assert agreed["method_ceiling"] == min(m["jaccard"] for m in agreed["models"].values())
+    assert agreed["arm_vs_mdm_within_method_ceiling"] == (overlap["high"] >= agreed["method_ceiling"])
+    assert "Attribution against exact patching" in report and "method ceiling (vs exact)" in report
+    # Faithfulness recomputed from every question's saved metrics: the ratio of means at the headline K.
+    faithful = json.loads((finished / "stages" / "faithfulness-countdown.json").read_text())["data"]
+    column = faithful["ks"].index(faithful["headline_k"])
+    with np.load(finished / "stages" / "faithfulness-countdown.npz") as saved:
+        for name, measured in summary["tasks"]["countdown"]["faithfulness"].items():
+            circuit, clean, ablated = (saved[f"{part}_{name}"].astype(np.float64) for part in
+                                       ("circuit", "clean", "ablated"))
+            # the circuits in order: the K sweep, a random circuit of each size, every model's headline circuit
+            assert circuit.shape == (2 * len(faithful["ks"]) + len(faithful["models"]), 8)
+            point = (circuit[column].mean() - ablated.mean()) / (clean.mean() - ablated.mean())
+            if measured["headline"]["point"] is not None:
+                assert abs(measured["headline"]["point"] - point) < 1e-4
     # The circuits are EAP-IG JSON for this graph; the scores every model's mean edge scores.
     graph = Graph(8, 4, 128)
     scores, circuit = graph.from_json(finished / "circuits" / "ioi_mdm.json")
@@ -106,15 +136,25 @@ class InterruptAfter(Reporter):
 
 
 def test_an_interrupted_run_resumes_to_the_same_summary(finished, tmp_path):
+    """Interrupted during countdown: the finished run with countdown's stages after attribution removed (what
+    an interruption there leaves, and so only those are recomputed), interrupted again after its faithfulness,
+    then resumed: the summary is byte for byte the uninterrupted run's."""
+    run = tmp_path / "run"
+    shutil.copytree(finished, run, ignore=shutil.ignore_patterns(*OUTPUTS, "printed.txt"))
+    later = [path for path in (run / "stages").iterdir()
+             if path.stem.endswith("-countdown") and not path.stem.startswith(("pool", "scores"))]
+    assert {path.stem.split("-")[0] for path in later} >= {"structure", "faithfulness", "agreement", "robustness"}
+    for path in later:
+        path.unlink()
     settings = Settings(**SMALL)
     with pytest.raises(Interrupted):
-        compare(settings, tmp_path / "run", reporter=InterruptAfter("countdown: attribution"))
-    assert (tmp_path / "run" / "stages" / "scores-countdown.json").exists()
-    assert not (tmp_path / "run" / "stages" / "structure-countdown.json").exists()
-    assert not (tmp_path / "run" / "summary.json").exists()
-    resumed = compare(settings, tmp_path / "run")
+        compare(settings, run, reporter=InterruptAfter("countdown: faithfulness"))
+    assert (run / "stages" / "faithfulness-countdown.json").exists()
+    assert not (run / "stages" / "agreement-countdown.json").exists()
+    assert not (run / "summary.json").exists()
+    resumed = compare(settings, run)
     assert resumed == json.loads((finished / "summary.json").read_text())
-    assert (tmp_path / "run" / "summary.json").read_text() == (finished / "summary.json").read_text()
+    assert (run / "summary.json").read_text() == (finished / "summary.json").read_text()
 
 
 def test_other_settings_never_mix_with_a_finished_run(finished, tmp_path):
@@ -134,6 +174,28 @@ def test_other_settings_never_mix_with_a_finished_run(finished, tmp_path):
     assert RunDirectory(finished, Settings(**SMALL).to_dict()).load("pool-ioi") is not None
 
 
+def test_a_graph_over_the_edge_budget_patches_the_top_k_and_a_sample(finished, tmp_path, monkeypatch):
+    """Where the graph has more edges than `EDGE_BUDGET` (every 7B graph), the agreement stage patches the union
+    of the ARM's and the MDM's top-K and `SAMPLED_EDGES` others, and measures agreement over those alone."""
+    from mdm_circuits.analysis import agreement
+
+    monkeypatch.setattr(agreement, "EDGE_BUDGET", 1000)
+    monkeypatch.setattr(agreement, "SAMPLED_EDGES", 100)
+    run = tmp_path / "run"
+    shutil.copytree(finished, run, ignore=shutil.ignore_patterns(*OUTPUTS, "printed.txt", "agreement-ioi.*"))
+    summary = compare(Settings(**SMALL), run)
+    agreed = summary["tasks"]["ioi"]["agreement"]
+    with np.load(run / "stages" / "agreement-ioi.npz") as saved:
+        method = {name: saved[f"method_{name}"] for name in ("ARM", "MDM")}
+        measured = [np.isfinite(saved[f"exact_{name}"]) for name in ("ARM", "MDM")]
+    np.testing.assert_array_equal(measured[0], measured[1])
+    top = set().union(*(np.argsort(-np.abs(v), kind="stable")[:200].tolist() for v in method.values()))
+    assert set(np.nonzero(measured[0])[0].tolist()) >= top
+    assert agreed["edges_patched"] == measured[0].sum() == len(top) + 100
+    assert all(m["n_measured"] == agreed["edges_patched"] for m in agreed["models"].values())
+    assert "each model's top 200 and a random sample of the rest" in (run / "report.md").read_text()
+
+
 @pytest.mark.smollm2
 def test_smollm2_as_an_arm_and_read_as_an_mdm(smollm2, tmp_path):
     """A real model end to end: SmolLM2 is the ARM, and the same weights read bidirectionally with
@@ -145,7 +207,7 @@ def test_smollm2_as_an_arm_and_read_as_an_mdm(smollm2, tmp_path):
     # One model per program: three stacked copies of SmolLM2 would take more memory than CI allows.
     settings = Settings(arm=str(tmp_path / "arm"), mdm=str(tmp_path / "mdm"), tasks=("ioi",), pool=4, budget=48,
                         steps=1, bootstrap=10, null_draws=10, splits=2, causal_size=2, causal_draws=2, max_length=16,
-                        batch_size=4, models_per_program=1)
+                        batch_size=4, models_per_program=1, exact_questions=0)
     summary = compare(settings, tmp_path / "out")
     assert set(summary["models"]) == {"ARM", "MDM", "ARM as MDM"}
     assert summary["tasks"]["ioi"]["headline_k"] == 1000 and summary["tasks"]["ioi"]["n_edges"] == 123_211

@@ -487,6 +487,7 @@ def test_organisms_refusals(tmp_path):
     (dict(controls=(("MDM", "x"),)), "control names must be distinct and not 'ARM', 'MDM'"),
     (dict(order="backwards"), "order must be left_to_right"),
     (dict(steps=0), "steps must be positive"),
+    (dict(exact_questions=-1), "exact_questions must be 0 (no exact patching) or positive"),
 ])
 def test_compare_settings_that_are_refused(changes, phrase):
     with pytest.raises(UsageError, match=phrase.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):

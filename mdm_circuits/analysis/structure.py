@@ -249,9 +249,11 @@ def extrapolated_interval(replicates: np.ndarray, halved: np.ndarray,
     interval of its `replicates` (full resamples, noise level 2), its ends moved by the drift of their mean from
     that of its `halved` replicates (noise level 3), extrapolated to level 0 under each of the bias's growth laws
     (module docstring): the lower end by the least of the moves, the upper by the greatest. Over the first axis,
-    for every trailing one. The point estimate can lie outside it."""
+    for every trailing one, within [0, 1], where an overlap lies (cutting it there loses no coverage). The
+    point estimate can lie outside it."""
     low, high = interval(np.asarray(replicates, np.float64), level)
-    return _moved(low, high, np.multiply.outer(_LAWS, _drift(replicates, halved)))
+    low, high = _moved(low, high, np.multiply.outer(_LAWS, _drift(replicates, halved)))
+    return np.clip(low, 0.0, 1.0), np.clip(high, 0.0, 1.0)
 
 
 def extrapolated_difference(first: np.ndarray, first_halved: np.ndarray, second: np.ndarray,
@@ -260,11 +262,12 @@ def extrapolated_difference(first: np.ndarray, first_halved: np.ndarray, second:
     interval of the replicates' differences, row by row (shared resamples for two overlaps of one task,
     independent ones, `task_seed`, for two tasks), its ends moved by the least and the greatest of the two
     drifts' extrapolations to level 0, each under each law, since the two overlaps' biases need not grow alike
-    (module docstring). Over the first axis, for every trailing one."""
+    (module docstring). Over the first axis, for every trailing one, within [-1, 1]."""
     low, high = interval(np.asarray(first, np.float64) - np.asarray(second, np.float64), level)
     shifts = (np.multiply.outer(_LAWS, _drift(first, first_halved))[:, None]
               - np.multiply.outer(_LAWS, _drift(second, second_halved))[None])
-    return _moved(low, high, shifts.reshape(len(_LAWS) ** 2, *shifts.shape[2:]))
+    low, high = _moved(low, high, shifts.reshape(len(_LAWS) ** 2, *shifts.shape[2:]))
+    return np.clip(low, -1.0, 1.0), np.clip(high, -1.0, 1.0)
 
 
 # A statistic's drift between noise levels 2 and 3 (its mean at level 2 minus that at level 3) times these is

@@ -100,6 +100,9 @@ def add_parser(commands, common: argparse.ArgumentParser, positive) -> None:
                        help="important early components zeroed in the causal check")
     study.add_argument("--causal-draws", type=positive, default=defaults.causal_draws,
                        help="draws of each control set of the causal check")
+    study.add_argument("--exact-questions", type=int, default=defaults.exact_questions,
+                       help="pooled questions on which attribution is checked against exact patching of every "
+                            "edge, ARM and MDM (0: no check; cost edges x questions forwards per model)")
     study.add_argument("--max-length", type=positive, help="leave out questions longer than this many tokens")
     running = compare_parser.add_argument_group("running")
     running.add_argument("--batch-size", type=positive, default=defaults.batch_size)
@@ -125,7 +128,7 @@ def run(args: argparse.Namespace) -> None:
                         order=args.order, ks=args.ks,
                         ablation=args.ablation, seed=args.seed, bootstrap=args.bootstrap, null_draws=args.null_draws,
                         splits=args.splits, causal_size=args.causal_size, causal_draws=args.causal_draws,
-                        max_length=args.max_length, batch_size=args.batch_size,
+                        exact_questions=args.exact_questions, max_length=args.max_length, batch_size=args.batch_size,
                         models_per_program=args.models_per_program)
     if args.models_per_program < 0:
         raise UsageError("--models-per-program must be 0 (all) or positive")

@@ -63,6 +63,8 @@ def compare(settings: Settings, directory: str | Path, *, fresh: bool = False, r
                       reporter)
         faithful = timed(f"{task}: faithfulness", stages.faithfulness_stage, store, models, drawn, task, graph, names,
                          rows, found, settings, reporter)
+        agreed = timed(f"{task}: agreement with exact patching", stages.agreement_stage, store, models, drawn, task,
+                       graph, names, rows, settings, reporter)
         meaning = timed(f"{task}: semantics", stages.semantics_stage, store, models, drawn, task, graph, found,
                         settings, reporter)
         checked = timed(f"{task}: causal check", stages.causal_stage, store, models, drawn, task, graph, found,
@@ -70,7 +72,8 @@ def compare(settings: Settings, directory: str | Path, *, fresh: bool = False, r
         robust = timed(f"{task}: robustness", stages.robustness_stage, store, models, drawn, task, graph, names,
                        rows, settings, reporter)
         results[task] = {"pool": drawn, "scores": scored, "structure": found, "faithfulness": faithful,
-                         "semantics": meaning,
+                         "agreement": agreed,
+                         "agreement_scores": agreed and store.arrays(f"agreement-{task}"), "semantics": meaning,
                          "causal": checked, "robustness": robust, "means": [r.mean(0) for r in rows]}
         results[task]["contrasts"] = compose.contrasts(results[task], models.contrasts)
     replicates = {task: store.arrays(f"structure-{task}") for task in settings.tasks}

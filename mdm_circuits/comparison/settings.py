@@ -41,6 +41,8 @@ class Settings:
       bootstrap: resamples of the pool for every confidence interval (95%, percentile).
       null_draws, splits: random edge-set pairs and disjoint half-pool splits for the two nulls.
       causal_size, causal_draws: components zeroed in the causal check, and draws of each control set.
+      exact_questions: pooled questions on which the ARM's and the MDM's attribution is held against exact
+        single-edge patching (the agreement stage; 0 leaves it out). Its cost: edges × questions forwards per model.
       tau: the faithfulness at which a circuit counts as found (the comparison at matched faithfulness).
       max_length: leave out questions longer than this many tokens.
       batch_size: examples per compiled program.
@@ -69,6 +71,7 @@ class Settings:
     causal_size: int = 3
     causal_draws: int = 10
     tau: float = 0.8
+    exact_questions: int = 8
     max_length: int | None = None
     batch_size: int = 32
     models_per_program: int = 0
@@ -84,6 +87,8 @@ class Settings:
                      "batch_size"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be positive, got {getattr(self, name)}")
+        if self.exact_questions < 0:
+            problems.append(f"exact_questions must be 0 (no exact patching) or positive, got {self.exact_questions}")
         if not 0 < self.tau <= 1:
             problems.append(f"tau must lie in (0, 1], got {self.tau}")
         if self.pool < 4:

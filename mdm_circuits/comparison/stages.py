@@ -4,6 +4,8 @@ its own results in the run's store; a finished stage is never recomputed.
   pool         the common-correct questions of the ARM and the MDM, and every model's accuracy
   scores       every model's per-question edge scores (stacked programs: models of one architecture at once)
   structure    overlaps over K with bootstrap intervals, the two nulls, importance, layers, specialisation
+  faithfulness every compared circuit over K, run in its own model and in every other one
+  agreement    the attribution against exact single-edge patching on a subsample: the method ceiling
   semantics    logit lens of the top components, neurons of the most important early MLP
   causal       important early components zeroed, against random and middle/late controls
   robustness   disjoint half pools; for multi-token answers, the MDM queried step by step in two orders
@@ -16,6 +18,7 @@ import itertools
 
 import numpy as np
 
+from mdm_circuits.analysis import agreement as agree
 from mdm_circuits.analysis import causal, faithfulness, semantics, structure, validity
 from mdm_circuits.analysis.validity import contrast_metrics
 from mdm_circuits.circuits.ablations import Ablation
@@ -23,7 +26,7 @@ from mdm_circuits.circuits.attribution import attribute
 from mdm_circuits.circuits.evaluation import evaluate
 from mdm_circuits.circuits.graph import Graph
 from mdm_circuits.circuits.normalised import normalised
-from mdm_circuits.circuits.patching import ablate_node_sets
+from mdm_circuits.circuits.patching import ablate_node_sets, exact_edges
 from mdm_circuits.comparison.lineup import Lineup, Member
 from mdm_circuits.comparison.progress import Reporter
 from mdm_circuits.comparison.settings import Settings
@@ -399,13 +402,71 @@ def faithfulness_stage(store: RunDirectory, lineup: Lineup, drawn: dict, task: s
             "k": [k_a, k_b], "overlap": structure.jaccard(structure.top_k_set(means[a], k_a),
                                                           structure.top_k_set(means[b], k_b))}
     result["matched"] = matched
-    store.save(f"faithfulness-{task}", result)
+    # Every question's metrics (the circuits in the order curve, random, cross), to recompute any number above.
+    rows = {f"{part}_{name}": getattr(evaluated, f"{part}_rows") for name, evaluated in measured.items()
+            for part in ("circuit", "clean", "ablated")}
+    store.save(f"faithfulness-{task}", result, rows)
     return result
 
 
 def _part(bands: faithfulness.Interval, part: slice) -> dict:
     values = dataclasses.replace(bands, point=bands.point[part], low=bands.low[part], high=bands.high[part])
     return values.as_dict()
+
+
+# ---- agreement with exact patching ----
+
+
+def agreement_stage(store: RunDirectory, lineup: Lineup, drawn: dict, task: str, graph: Graph, names: list[str],
+                    rows: list[np.ndarray], settings: Settings, reporter: Reporter) -> dict | None:
+    """The ARM's and the MDM's attribution held against exact single-edge patching on `settings.exact_questions`
+    questions of the pool (the same questions for both, and the method's scores averaged over those same
+    questions): Spearman ρ and top-K Jaccard per model, and the method ceiling, the least within-model overlap
+    of the method with exact patching, beside the ARM–MDM overlap. A graph of more than `agree.EDGE_BUDGET`
+    edges patches the union of both models' top-K and `agree.SAMPLED_EDGES` others. None with
+    `exact_questions` 0."""
+    if not settings.exact_questions:
+        return None
+    done = store.load(f"agreement-{task}")
+    if done is not None:
+        return done
+    members = [lineup[name] for name in MAIN_PAIR]
+    examples = posed(lineup, drawn, settings, members=members)
+    chosen = agree.question_sample(len(drawn["arm"]), settings.exact_questions, structure.task_seed(settings.seed,
+                                                                                                     task))
+    # With the multi-step protocol a question is several examples: exact patching averages over examples, so
+    # the method's per-question rows are weighted by each question's count to be averaged over the same ones.
+    counts = np.bincount(examples["MDM"].questions, minlength=len(drawn["arm"]))[chosen]
+    method = {name: np.average(rows[names.index(name)][chosen], axis=0, weights=counts) for name in MAIN_PAIR}
+    k = structure.headline_k(graph)
+    edges = None
+    if graph.n_edges > agree.EDGE_BUDGET:
+        edges = agree.exact_sample(np.stack(list(method.values())), k, agree.SAMPLED_EDGES,
+                                   structure.task_seed(settings.seed, task))
+    n_patched = graph.n_edges if edges is None else len(edges)
+    wanted = set(chosen.tolist())
+    subsets = {name: [e for e, q in zip(examples[name].examples, examples[name].questions) if q in wanted]
+               for name in MAIN_PAIR}
+    reporter.begin(f"{task}: exact patching of {n_patched:,} edges on {len(chosen)} questions (ARM, MDM)")
+
+    def patched(models, group):
+        batches = [collate(subsets[name]) for name in group]
+        return exact_edges(models, batches if len(group) > 1 else batches[0], TASKS[task].METRIC, edges=edges,
+                           ablation=Ablation(settings.ablation), batch_size=min(settings.batch_size, agree.EXACT_BATCH),
+                           edge_chunk=agree.EXACT_EDGE_CHUNK, mesh=lineup.mesh, progress=reporter.update)
+
+    exact = {name: scored.edges for name, scored in zip(MAIN_PAIR, _run(members, settings, patched))}
+    measured = np.isfinite(exact["ARM"])
+    models = {name: dataclasses.asdict(agree.agreement(method[name], exact[name], k)) for name in MAIN_PAIR}
+    arm_mdm = {source: structure.jaccard(*(structure.top_k_set(np.where(measured, values[name], 0.0), k)
+                                           for name in MAIN_PAIR))
+               for source, values in (("method", method), ("exact", exact))}
+    result = {"questions": chosen.tolist(), "k": k, "edges_patched": n_patched,
+              "forwards": n_patched * sum(len(s) for s in subsets.values()), "models": models,
+              "method_ceiling": min(m["jaccard"] for m in models.values()), "arm_vs_mdm_on_subsample": arm_mdm}
+    store.save(f"agreement-{task}", result, {f"exact_{name}": values for name, values in exact.items()}
+               | {f"method_{name}": values for name, values in method.items()})
+    return result
 
 
 # ---- semantics ----

@@ -78,6 +78,15 @@ class Pool:
     mdm_accuracy: float
 
 
+def _check_aligned(for_arm: list[Example], for_mdm: list[Example]) -> None:
+    """The two views must pose the same questions in the same order (same answers, as many of them)."""
+    if len(for_arm) != len(for_mdm) or any(a.correct != m.correct or a.incorrect != m.incorrect
+                                           for a, m in zip(for_arm, for_mdm)):
+        raise BatchError("the task posed other questions in the ARM view than in the MDM view (the same seed must draw "
+                         "the same questions in both views); a task of your own must choose its questions before "
+                         "posing them in a view")
+
+
 def common_correct_pool(task: ModuleType, tokenizer, arm: Transformer, mdm: Transformer, *, n: int = 500,
                         budget: int = 5000, chunk: int = 100, seed: int = 0, max_length: int | None = None,
                         split: str = "all", progress: Callable[[int, int, int], None] | None = None) -> Pool:
@@ -101,11 +110,16 @@ def common_correct_pool(task: ModuleType, tokenizer, arm: Transformer, mdm: Tran
         attempted += size
         chunk_seed = seed * 1_000_003 + index
         index += 1
-        for_arm = task.examples(tokenizer, size, seed=chunk_seed, view=arm_view, max_length=max_length, **drawn_from)
-        for_mdm = task.examples(tokenizer, size, seed=chunk_seed, view=mdm_view, max_length=max_length, **drawn_from)
+        # Both views are drawn whole and cut by length together: cut one by one, a question too long in one view
+        # only would shift every later question of that view against the other's.
+        for_arm = task.examples(tokenizer, size, seed=chunk_seed, view=arm_view, **drawn_from)
+        for_mdm = task.examples(tokenizer, size, seed=chunk_seed, view=mdm_view, **drawn_from)
+        _check_aligned(for_arm, for_mdm)
         fresh = []
         for i, example in enumerate(for_arm):
             question = (tuple(example.clean), tuple(example.corrupted))
+            if max_length is not None and max(len(example.clean), len(for_mdm[i].clean)) > max_length:
+                continue
             if question not in seen:
                 seen.add(question)
                 fresh.append(i)

@@ -147,7 +147,15 @@ def _task_summary(task: str, result: dict) -> dict:
                                 "circuits_of": value["circuits_of"]}
                          for name, value in result["faithfulness"]["models"].items()},
         "matched_faithfulness": result["faithfulness"]["matched"],
+        "agreement": result["agreement"] and result["agreement"] | {
+            "arm_vs_mdm_within_method_ceiling": within_method_ceiling(found, result["agreement"])},
     }
+
+
+def within_method_ceiling(found: dict, agreed: dict) -> bool:
+    """Whether the ARM and the MDM disagree no more than the attribution method disagrees with exact patching
+    inside one model: the ARM–MDM overlap's interval reaches the method ceiling."""
+    return _headline(found, ("ARM", "MDM"))["high"] >= agreed["method_ceiling"]
 
 
 def _protocol(settings: dict, models: Models, graph: Graph, results: dict) -> list:
@@ -242,7 +250,40 @@ def _faithfulness_blocks(save: Save, task: str, result: dict, models: Models) ->
     return blocks
 
 
-def _task_blocks(save: Save, task: str, result: dict, models: Models) -> list:
+def _agreement_blocks(save: Save, task: str, result: dict, settings: dict) -> list:
+    agreed, found = result["agreement"], result["structure"]
+    if agreed is None:
+        return [Paragraph("Attribution against exact patching: not measured in this run (exact_questions 0).")]
+    k, arrays = agreed["k"], result["agreement_scores"]
+    method = {name: arrays[f"method_{name}"] for name in agreed["models"]}
+    exact = {name: arrays[f"exact_{name}"] for name in agreed["models"]}
+    overlap, ceiling = _headline(found, ("ARM", "MDM")), agreed["method_ceiling"]
+    patched = ("every edge" if agreed["edges_patched"] == found["n_edges"] else
+               f"{agreed['edges_patched']:,} edges (each model's top {k} and a random sample of the rest)")
+    blocks = [Paragraph(
+        f"Attribution against exact patching: {patched} patched one at a time on {len(agreed['questions'])} pooled "
+        f"questions ({agreed['forwards']:,} forwards), against {settings['method']} ({settings['steps']} steps) on "
+        f"the same questions. Single-edge patching ignores interactions between edges, so it is one reference, "
+        f"not the truth; the method ceiling is the lower of the two models' top-{k} overlaps with it.")]
+    blocks.append(Table(("model", "Spearman, all edges", f"Spearman, exact top {k}", f"top-{k} Jaccard with exact"),
+                        tuple((name, f"{v['spearman']:.3f}", f"{v['spearman_top_k']:.3f}", f"{v['jaccard']:.3f}")
+                              for name, v in agreed["models"].items())))
+    subsample = agreed["arm_vs_mdm_on_subsample"]
+    verdict = ("within it: the ARM and the MDM disagree no more than the method disagrees with exact patching "
+               "inside one model, so this task's ARM–MDM difference cannot be told from the method's own error"
+               if within_method_ceiling(found, agreed) else
+               "below it: the two models differ by more than the method differs from exact patching")
+    blocks.append(Paragraph(
+        f"ARM vs MDM overlap {_ci(overlap)} against the method ceiling {ceiling:.3f}: {verdict}. On the "
+        f"{len(agreed['questions'])} questions alone, ARM vs MDM overlaps {subsample['method']:.3f} by the method and "
+        f"{subsample['exact']:.3f} by exact patching."))
+    blocks.append(_figure(save, f"{task}_agreement", figures.agreement(task, agreed, method, exact,
+                                                                       settings["method"]),
+                          f"{task}: each model's edge scores by {settings['method']} against exact patching"))
+    return blocks
+
+
+def _task_blocks(save: Save, task: str, result: dict, models: Models, settings: dict) -> list:
     found, scored, drawn = result["structure"], result["scores"], result["pool"]
     names = scored["members"]
     column = found["ks"].index(found["headline_k"])
@@ -256,14 +297,16 @@ def _task_blocks(save: Save, task: str, result: dict, models: Models) -> list:
                           f"{task}: Jaccard overlap of top-K edge sets against K, 95% intervals; grey: chance; "
                           f"dotted/dashed: two halves of one model's pool"))
     rows = []
+    method_ceiling = "—" if result["agreement"] is None else f"{result['agreement']['method_ceiling']:.3f}"
     for a, b in found["pairs"]:
         value = _headline(found, (a, b))
         if a in ("ARM", "MDM") or b in ("ARM", "MDM"):
             null = found["null_label_swap"][f"{a} vs {b}"]
             rows.append((f"{a} vs {b}", _ci(value), f"{null['mean'][column]:.3f}", f"{null['p_value'][column]:.3f}",
-                         _ci(found["normalised_overlap"][f"{a} vs {b}"]), f"{value['connected']:.3f}"))
+                         _ci(found["normalised_overlap"][f"{a} vs {b}"]), method_ceiling, f"{value['connected']:.3f}"))
     blocks.append(Table((f"pair (K = {found['headline_k']})", "overlap [95%]", "noise ceiling (label swaps)",
-                         "p (overlap this low)", "overlap / ceiling [95%]", "connected circuits"), tuple(rows)))
+                         "p (overlap this low)", "overlap / ceiling [95%]", "method ceiling (vs exact)",
+                         "connected circuits"), tuple(rows)))
     headlines = {f"{a} vs {b}": _headline(found, (a, b)) for a, b in found["pairs"]}
     outside = [pair for pair, value in headlines.items() if not value["low"] <= value["point"] <= value["high"]]
     blocks.append(Paragraph(
@@ -271,7 +314,9 @@ def _task_blocks(save: Save, task: str, result: dict, models: Models) -> list:
         f"(95% up to {found['null_random']['high'][column]:.3f}). The noise ceiling is the mean of the full-size "
         f"paired label-swap null (each question's two rows swapped at random between the two models, "
         f"{len(found['null_label_swap'])} pairs): the overlap two models with one circuit would show on these "
-        f"questions; p is the share of swaps whose overlap is as low as the observed one. Overlap intervals are "
+        f"questions; p is the share of swaps whose overlap is as low as the observed one. The method ceiling is "
+        f"the attribution's own top-K overlap with exact patching inside one model (the lower of the ARM's and the "
+        f"MDM's; below). Overlap intervals are "
         f"extrapolated to the population (top-K Jaccard is biased under resampling; see `analysis.structure`), so a "
         f"point may lie outside its interval" + (f" (here: {', '.join(outside)})" if outside else "") + ". Two "
         f"disjoint halves of one pool (a description at half the pool's size, below the noise ceiling): ARM "
@@ -295,6 +340,7 @@ def _task_blocks(save: Save, task: str, result: dict, models: Models) -> list:
                                ", ".join(f"{c} {s:.2f}" for c, s in found["top_components"][n][:5]))
                               for n in names)))
     blocks += _faithfulness_blocks(save, task, result, models)
+    blocks += _agreement_blocks(save, task, result, settings)
     meaning = result["semantics"]
     blocks.append(_figure(save, f"{task}_logit_lens", figures.logit_lens(task, meaning),
                           f"{task}: direct contribution of the top components to the correct − incorrect logit"))
@@ -379,7 +425,7 @@ def write(save: Save, models: Models, graph: Graph, results: dict, verdicts: lis
         (v["finding"], v["verdict"], v["evidence"]) for v in verdicts)))
     blocks += _protocol(settings, models, graph, results)
     for task, result in results.items():
-        blocks += _task_blocks(save, task, result, models)
+        blocks += _task_blocks(save, task, result, models, settings)
         _circuits(save, graph, task, result)
     blocks += [Heading("Specialisation"), _figure(save, "specialisation",
                                                   figures.specialisation(structures, models.main()),

@@ -110,9 +110,9 @@ def ablations(task: str, found: dict) -> bytes:
     models = list(found["models"])
     labels = ["important early", "without shared", "random (same count)", "middle/late (same count)"]
     figure, axis = plt.subplots(figsize=(7.5, 3.8))
-    width = 0.8 / len(models)
     undefined = [name for name in models if not found["models"][name]["defined"]]
     models = [name for name in models if name not in undefined]  # no bar for a ratio without a denominator
+    width = 0.8 / max(len(models), 1)
     for index, name in enumerate(models):
         result = found["models"][name]
         unshared = result["retained_without_shared"]
@@ -215,4 +215,28 @@ def faithfulness(task: str, found: dict, names: list[str]) -> bytes:
     axis.set_ylabel("faithfulness")
     axis.set_title(f"{task}: faithfulness of the top-K circuit (dotted: a random circuit of each size)")
     axis.legend(fontsize=7, loc="lower right")
+    return _png(figure)
+
+
+def agreement(task: str, found: dict, method: dict, exact: dict, label: str) -> bytes:
+    """Per model, the method's edge scores against exact single-edge patching on the same questions (signed,
+    symmetric-log axes), the exact top-K marked; edges not patched are left out."""
+    names = list(found["models"])
+    figure, axes = plt.subplots(1, len(names), figsize=(3.8 * len(names), 3.6), squeeze=False)
+    for axis, name in zip(axes[0], names):
+        measured = np.isfinite(exact[name])
+        x, y = exact[name][measured], method[name][measured]
+        top = np.zeros(len(x), bool)
+        top[np.argsort(-np.abs(x), kind="stable")[: found["k"]]] = True
+        axis.scatter(x[~top], y[~top], s=3, color="#aaaaaa", label="other edges")
+        axis.scatter(x[top], y[top], s=4, color=colour(name, names), label=f"exact top {found['k']}")
+        scale = max(np.abs(x).max(), np.abs(y).max(), 1e-12)
+        for set_scale in (axis.set_xscale, axis.set_yscale):
+            set_scale("symlog", linthresh=scale * 1e-3)
+        values = found["models"][name]
+        axis.set_title(f"{name}: rho {values['spearman']:.2f}, J@{found['k']} {values['jaccard']:.2f}", fontsize=9)
+        axis.set_xlabel("exact patching (one edge at a time)", fontsize=8)
+        axis.set_ylabel(label, fontsize=8)
+        axis.legend(fontsize=6)
+    figure.suptitle(f"{task}: attribution against exact patching on {len(found['questions'])} questions", fontsize=9)
     return _png(figure)
