@@ -103,6 +103,8 @@ def add_parser(commands, common: argparse.ArgumentParser, positive) -> None:
     study.add_argument("--exact-questions", type=int, default=defaults.exact_questions,
                        help="pooled questions on which attribution is checked against exact patching of every "
                             "edge, ARM and MDM (0: no check; cost edges x questions forwards per model)")
+    study.add_argument("--faithfulness-questions", type=positive, default=defaults.faithfulness_questions,
+                       help="pooled questions every compared circuit is run on for its faithfulness")
     study.add_argument("--max-length", type=positive, help="leave out questions longer than this many tokens")
     running = compare_parser.add_argument_group("running")
     running.add_argument("--batch-size", type=positive, default=defaults.batch_size)
@@ -128,7 +130,8 @@ def run(args: argparse.Namespace) -> None:
                         order=args.order, ks=args.ks,
                         ablation=args.ablation, seed=args.seed, bootstrap=args.bootstrap, null_draws=args.null_draws,
                         splits=args.splits, causal_size=args.causal_size, causal_draws=args.causal_draws,
-                        exact_questions=args.exact_questions, max_length=args.max_length, batch_size=args.batch_size,
+                        exact_questions=args.exact_questions,
+                        faithfulness_questions=args.faithfulness_questions, max_length=args.max_length, batch_size=args.batch_size,
                         models_per_program=args.models_per_program)
     if args.models_per_program < 0:
         raise UsageError("--models-per-program must be 0 (all) or positive")

@@ -43,6 +43,8 @@ class Settings:
       causal_size, causal_draws: components zeroed in the causal check, and draws of each control set.
       exact_questions: pooled questions on which the ARM's and the MDM's attribution is held against exact
         single-edge patching (the agreement stage; 0 leaves it out). Its cost: edges × questions forwards per model.
+      faithfulness_questions: pooled questions every compared circuit is run on (faithfulness, cross-faithfulness;
+        one forward per circuit and question).
       tau: the faithfulness at which a circuit counts as found (the comparison at matched faithfulness).
       max_length: leave out questions longer than this many tokens.
       batch_size: examples per compiled program.
@@ -57,7 +59,7 @@ class Settings:
     pool: int = 200
     budget: int = 2000
     split: str = "test"
-    method: str = "eap_ig_activations"
+    method: str = "eap_ig_inputs"
     steps: int = 5
     protocol: Protocol = "single"
     denoising_steps: int | None = None
@@ -71,7 +73,8 @@ class Settings:
     causal_size: int = 3
     causal_draws: int = 10
     tau: float = 0.8
-    exact_questions: int = 8
+    exact_questions: int = 2
+    faithfulness_questions: int = 64
     max_length: int | None = None
     batch_size: int = 32
     models_per_program: int = 0
@@ -84,7 +87,7 @@ class Settings:
         if unknown or not self.tasks:
             problems.append(f"unknown or no task(s) {unknown}; choose from {sorted(TASKS)}")
         for name in ("pool", "budget", "steps", "bootstrap", "null_draws", "splits", "causal_size", "causal_draws",
-                     "batch_size"):
+                     "batch_size", "faithfulness_questions"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be positive, got {getattr(self, name)}")
         if self.exact_questions < 0:

@@ -343,35 +343,32 @@ def structure_stage(store: RunDirectory, task: str, graph: Graph, names: list[st
 # ---- faithfulness ----
 
 
-def faithfulness_ks(graph: Graph, ks: list[int]) -> list[int]:
-    """The circuit sizes of the faithfulness curves: the overlap sweep's and a geometric grid of 12 from 10 edges
-    to all of them, so that the smallest faithful K is read on a grid no coarser than a factor of about 1.6."""
-    grid = np.unique(np.geomspace(min(10, graph.n_edges), graph.n_edges, 12).astype(int))
-    return sorted(set(ks) | set(grid.tolist()))
-
-
 def faithfulness_stage(store: RunDirectory, lineup: Lineup, drawn: dict, task: str, graph: Graph, names: list[str],
                        rows: list[np.ndarray], found: dict, settings: Settings, reporter: Reporter) -> dict:
     """Every compared model's top-K circuits over K (with a random circuit of each size beside them), each
     model's headline circuit run inside every other model (cross-faithfulness), and the smallest K at which each
-    model's circuit reaches `settings.tau`, with the overlap of those matched circuits; intervals over questions
-    resample with the task's own weights."""
+    model's circuit reaches `settings.tau` (of the overlap sweep's K), with the overlap of those matched circuits.
+    The circuits come from the whole pool; they are run on `settings.faithfulness_questions` of its questions
+    (one forward per circuit and question), and the intervals resample those with the task's own weights."""
     done = store.load(f"faithfulness-{task}")
     if done is not None:
         return done
     members = lineup.compared
     means = {name: r.mean(0) for name, r in zip(names, rows)}
-    ks, headline = faithfulness_ks(graph, found["ks"]), found["headline_k"]
+    ks, headline = found["ks"], found["headline_k"]
     random = faithfulness.random_circuits(graph, ks, 1, structure.task_seed(settings.seed, task))
     cross = faithfulness.cross_circuits(graph, [means[m.name] for m in members], headline)
     circuits = {m.name: np.concatenate([faithfulness.cross_circuits(graph, [means[m.name]] * len(ks), ks), random,
                                         cross]) for m in members}
-    examples = posed(lineup, drawn, settings, protocol="single", members=members)
+    chosen = agree.question_sample(len(drawn["arm"]), settings.faithfulness_questions,
+                                   structure.task_seed(settings.seed, task))
+    examples = {name: [view.examples[i] for i in chosen]
+                for name, view in posed(lineup, drawn, settings, protocol="single", members=members).items()}
     metric = TASKS[task].METRIC
     reporter.begin(f"{task}: faithfulness and cross-faithfulness of the circuits", len(members))
 
     def evaluations(models, names):
-        batches = [collate(examples[name].examples) for name in names]
+        batches = [collate(examples[name]) for name in names]
         result = evaluate(models, batches if len(names) > 1 else batches[0], [circuits[n] for n in names]
                           if len(names) > 1 else circuits[names[0]], metric, batch_size=settings.batch_size,
                           per_example=True, mesh=lineup.mesh)
@@ -379,8 +376,8 @@ def faithfulness_stage(store: RunDirectory, lineup: Lineup, drawn: dict, task: s
         return result
 
     measured = dict(zip([m.name for m in members], _run(members, settings, evaluations)))
-    weights, _ = _resamples(len(drawn["arm"]), settings, task)
-    result = {"ks": ks, "headline_k": headline, "tau": settings.tau, "models": {}}
+    weights, _ = _resamples(len(chosen), settings, task)
+    result = {"ks": ks, "headline_k": headline, "tau": settings.tau, "questions": chosen.tolist(), "models": {}}
     n_ks = len(ks)
     for name, evaluated in measured.items():
         bands = faithfulness.interval(evaluated.circuit_rows, evaluated.clean_rows, evaluated.ablated_rows, weights,
