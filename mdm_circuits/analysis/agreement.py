@@ -26,8 +26,8 @@ import numpy as np
 from mdm_circuits.analysis.structure import jaccard, ranking, top_k_set
 from mdm_circuits.errors import CircuitError
 
-# Questions the exact ground truth is measured on by default: a subsample of the pool, which keeps it to minutes on
-# a CPU. Score the method on the same questions: on the default pair, a method scored on a pool of 48 instead
+# Questions `experiments/ig_steps.py` measures the exact ground truth on: a subsample of the pool, which keeps it to
+# minutes on a CPU (a comparison's agreement stage takes `Settings.exact_questions`, 2 by default). Score the method on the same questions: on the default pair, a method scored on a pool of 48 instead
 # agrees up to 0.2 less in ρ, from question sampling alone (experiments/ig_steps.py).
 EXACT_QUESTIONS = 32
 
