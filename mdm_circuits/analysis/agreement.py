@@ -27,8 +27,9 @@ from mdm_circuits.analysis.structure import jaccard, ranking, top_k_set
 from mdm_circuits.errors import CircuitError
 
 # Questions `experiments/ig_steps.py` measures the exact ground truth on: a subsample of the pool, which keeps it to
-# minutes on a CPU (a comparison's agreement stage takes `Settings.exact_questions`, 2 by default). Score the method on the same questions: on the default pair, a method scored on a pool of 48 instead
-# agrees up to 0.2 less in ρ, from question sampling alone (experiments/ig_steps.py).
+# minutes on a CPU (a comparison's agreement stage takes `Settings.exact_questions`, 2 by default). Score the
+# method on the same questions: on the default pair, a method scored on a pool of 48 instead agrees up to 0.2
+# less in ρ, from question sampling alone (experiments/ig_steps.py).
 EXACT_QUESTIONS = 32
 
 # The largest graph (in edges) patched edge by edge by default. The cost rule: one forward per (edge, question),
@@ -38,7 +39,7 @@ EXACT_QUESTIONS = 32
 EDGE_BUDGET = 2048
 
 # Beside the top-K of each model, the edges a larger graph patches at random (`exact_sample`): its cost is
-# (union of the top-K + SAMPLED_EDGES) × questions forwards per model, at 7B (K = 1000) about 3,000 × 8.
+# (union of the top-K + SAMPLED_EDGES) × questions forwards per model, at 7B (K = 1000) about 3,000 × 2.
 SAMPLED_EDGES = 1000
 
 # Edges × examples vmapped per step of the exact sweep: on a CPU 4 × 8 runs ~2.5× faster than the engine's

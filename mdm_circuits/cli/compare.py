@@ -130,8 +130,8 @@ def run(args: argparse.Namespace) -> None:
                         order=args.order, ks=args.ks,
                         ablation=args.ablation, seed=args.seed, bootstrap=args.bootstrap, null_draws=args.null_draws,
                         splits=args.splits, causal_size=args.causal_size, causal_draws=args.causal_draws,
-                        exact_questions=args.exact_questions,
-                        faithfulness_questions=args.faithfulness_questions, max_length=args.max_length, batch_size=args.batch_size,
+                        exact_questions=args.exact_questions, faithfulness_questions=args.faithfulness_questions,
+                        max_length=args.max_length, batch_size=args.batch_size,
                         models_per_program=args.models_per_program)
     if args.models_per_program < 0:
         raise UsageError("--models-per-program must be 0 (all) or positive")

@@ -449,8 +449,9 @@ def agreement_stage(store: RunDirectory, lineup: Lineup, drawn: dict, task: str,
     def patched(models, group):
         batches = [collate(subsets[name]) for name in group]
         return exact_edges(models, batches if len(group) > 1 else batches[0], TASKS[task].METRIC, edges=edges,
-                           ablation=Ablation(settings.ablation), batch_size=min(settings.batch_size, agree.EXACT_BATCH),
-                           edge_chunk=agree.EXACT_EDGE_CHUNK, mesh=lineup.mesh, progress=reporter.update)
+                           ablation=Ablation(settings.ablation),
+                           batch_size=min(settings.batch_size, agree.EXACT_BATCH), edge_chunk=agree.EXACT_EDGE_CHUNK,
+                           mesh=lineup.mesh, progress=reporter.update)
 
     exact = {name: scored.edges for name, scored in zip(MAIN_PAIR, _run(members, settings, patched))}
     measured = np.isfinite(exact["ARM"])
